@@ -1,0 +1,1 @@
+"""Deploy open chat LLMs behind an HTTP API from JupyterLab."""
