@@ -27,3 +27,46 @@ def golden():
     if not GOLDEN.exists():
         pytest.fail(f"golden chat formats not found at {GOLDEN} (shared/ must sit beside the checkout)")
     return json.loads(GOLDEN.read_text(encoding="utf-8"))
+
+
+FAMILIES = ["qwen", "internlm2", "xverse", "bluelm", "minicpm"]
+
+
+@pytest.fixture(scope="session")
+def tiny_root(tmp_path_factory):
+    return tmp_path_factory.mktemp("tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tiny_root):
+    """``tiny_model_dir(family)``: the folder of a stand-in, built once per test session."""
+    from helpers.tiny import build_tiny
+
+    def build(family: str) -> Path:
+        return build_tiny(family, tiny_root / family)
+
+    return build
+
+
+_loaded_cache: dict = {}
+
+
+@pytest.fixture(scope="session")
+def tiny_loaded(tiny_model_dir):
+    """``tiny_loaded(family)``: a LoadedModel of the stand-in, loaded once per test session."""
+    from helpers.loading import load_model
+
+    def load(family: str):
+        if family not in _loaded_cache:
+            _loaded_cache[family] = load_model(tiny_model_dir(family))
+        return _loaded_cache[family]
+
+    return load
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

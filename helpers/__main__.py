@@ -1,0 +1,153 @@
+"""Command line.
+
+    python -m helpers serve --model NAME_OR_PATH [--host 0.0.0.0] [--port 6006]
+    python -m helpers tiny FAMILY DIR
+    python -m helpers demo [--family qwen]
+
+NAME is a registry name (``qwen-7b-chat`` ...), a ModelScope id, a local folder, or ``tiny:FAMILY``
+for an offline stand-in with random weights (for trying the API without a GPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+
+def _tiny_dir(family: str) -> Path:
+    base = os.environ.get("HELPERS_TINY_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "llm-api-helpers", "tiny")
+    return Path(base) / family
+
+
+def resolve_model(model: str, cache_dir: str | None = None) -> str:
+    """A local folder for ``model`` (downloading it if needed)."""
+    if model.startswith("tiny:"):
+        from .tiny import build_tiny
+
+        family = model.split(":", 1)[1]
+        return str(build_tiny(family, _tiny_dir(family)))
+    if os.path.isdir(os.path.expanduser(model)):
+        return os.path.abspath(os.path.expanduser(model))
+    from .download import download
+
+    return download(model, cache_dir=cache_dir)
+
+
+def _load(args):
+    from .loading import load_model
+
+    path = resolve_model(args.model, args.cache_dir)
+    return load_model(path, device=args.device, dtype=args.dtype, family=args.family)
+
+
+def cmd_serve(args) -> int:
+    import uvicorn
+
+    from .background import port_is_free
+    from .engine import Engine
+    from .server import create_app
+
+    if not port_is_free(args.port, args.host):
+        print(f"error: port {args.port} is already in use (another server? `lsof -i :{args.port}`)", file=sys.stderr)
+        return 1
+    loaded = _load(args)
+    engine = Engine(loaded, max_queue=args.max_queue).start()
+    app = create_app(engine)
+    print(f"Serving {loaded.name} on http://{args.host}:{args.port}  (Ctrl-C to stop)", flush=True)
+    try:
+        uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level)).run()
+    finally:
+        engine.stop()
+    return 0
+
+
+def cmd_tiny(args) -> int:
+    from .tiny import build_tiny
+
+    path = build_tiny(args.family, args.dir, overwrite=args.overwrite)
+    print(path)
+    return 0
+
+
+def cmd_demo(args) -> int:
+    """Serve a stand-in in the background, call it the way the lessons do, print what happened."""
+    from openai import OpenAI
+
+    from .background import start_server
+    from .client import ask
+
+    args.model = f"tiny:{args.family}"
+    args.cache_dir = None
+    loaded = _load(args)
+    server = start_server(loaded, host=args.host, port=args.port)
+    try:
+        print(f"\n$ curl -X POST {server.url} -H 'Content-Type: application/json' "
+              "-d '{\"prompt\": \"你好\", \"history\": []}'")
+        print(json.dumps(ask("你好", url=server.url, max_length=24), ensure_ascii=False, indent=1))
+        client = OpenAI(base_url=server.url + "/v1", api_key="none")
+        print("\n>>> OpenAI(base_url=...).chat.completions.create(model=..., messages=[...], stream=True)")
+        stream = client.chat.completions.create(
+            model=loaded.name, messages=[{"role": "user", "content": "Tell me a joke."}],
+            max_tokens=24, temperature=0, stream=True)
+        for chunk in stream:
+            if chunk.choices and chunk.choices[0].delta.content:
+                print(chunk.choices[0].delta.content, end="", flush=True)
+        print("\n\n(The stand-in has random weights: the words are noise, the API is real.)")
+        if args.keep:
+            print(f"\nStill serving on {server.url}; Ctrl-C to stop.", flush=True)
+            import time
+
+            while True:
+                time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.stop()
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m helpers", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def model_options(p):
+        p.add_argument("--host", default="0.0.0.0")
+        p.add_argument("--port", type=int, default=6006)
+        p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
+        p.add_argument("--dtype", default="auto", help="auto (bf16 on compute capability >= 8.0, else fp16), bf16, fp16, fp32")
+        p.add_argument("--family", default=None, help="chat format, if it cannot be told from the folder")
+        p.add_argument("--max-queue", type=int, default=64, help="requests that may wait before 429")
+
+    p = sub.add_parser("serve", help="serve a model on HTTP (seed API + OpenAI API)")
+    p.add_argument("--model", required=True, help="registry name, ModelScope id, local folder or tiny:FAMILY")
+    p.add_argument("--cache-dir", default=None, help="where models are downloaded (default: $MODEL_CACHE_DIR)")
+    p.add_argument("--log-level", default="info")
+    model_options(p)
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("tiny", help="build an offline stand-in model (random weights)")
+    p.add_argument("family")
+    p.add_argument("dir")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_tiny)
+
+    p = sub.add_parser("demo", help="serve a stand-in, call it with the seed API and the openai client")
+    p.add_argument("--family", default="qwen")
+    p.add_argument("--keep", action="store_true", help="keep serving after the demo calls")
+    model_options(p)
+    p.set_defaults(func=cmd_demo)
+
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (KeyError, RuntimeError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
