@@ -128,18 +128,37 @@ class ChatFormat:
 
     def render(self, messages: Sequence[Message]) -> str:
         """The prompt text (as the vendor code builds it, without the BOS a tokenizer adds)."""
-        parts = []
-        for seg in self.segments(self.check(messages)):
-            parts.append(seg.text if isinstance(seg, Text) else seg.token)
-        return "".join(parts)
+        return self._join(self.segments(self.check(messages)))
 
     def encode(self, tokenizer, messages: Sequence[Message]) -> list[int]:
         """Prompt token ids for ``messages``."""
         segs = self.segments(self.check(messages))
-        ids: list[int] = []
-        if self.bos_added_by_tokenizer and tokenizer.bos_token_id is not None:
-            ids.append(tokenizer.bos_token_id)
+        bos = [tokenizer.bos_token_id] if self.bos_added_by_tokenizer and tokenizer.bos_token_id is not None else []
         protected = self.protected_ids(tokenizer)
+        template_ids = []
+        for seg in segs:
+            if isinstance(seg, Text):
+                continue
+            tid = single_token_id(tokenizer, seg.token)
+            if tid is None and isinstance(seg, Special):
+                raise ChatFormatError(f"the tokenizer has no token {seg.token!r}: is this a {self.family} model?")
+            if tid is not None:
+                template_ids.append(tid)
+        if self.merge_text and not _is_tiktoken_qwen(tokenizer):
+            # The vendor tokenizes the whole prompt string in one call: do the same, and keep the
+            # result if the message content added no control token to those of the template.
+            ids = list(tokenizer.encode(self._join(segs), add_special_tokens=False))
+            if [i for i in ids if i in protected] == template_ids:
+                return bos + ids
+        return bos + self._encode_pieces(tokenizer, segs, protected)
+
+    @staticmethod
+    def _join(segs: Sequence[Segment]) -> str:
+        return "".join(seg.text if isinstance(seg, Text) else seg.token for seg in segs)
+
+    def _encode_pieces(self, tokenizer, segs: Sequence[Segment], protected: set[int]) -> list[int]:
+        """Control tokens as ids, text as plain text (one call per run of text, or per piece)."""
+        ids: list[int] = []
         pending: list[str] = []
 
         def flush():
@@ -148,17 +167,9 @@ class ChatFormat:
                 pending.clear()
 
         for seg in segs:
-            if isinstance(seg, Text):
-                pending.append(seg.text)
-                if not self.merge_text:
-                    flush()
-                continue
-            tid = single_token_id(tokenizer, seg.token)
-            if tid is None:
-                if isinstance(seg, Special):
-                    raise ChatFormatError(
-                        f"the tokenizer has no token {seg.token!r}: is this a {self.family} model?")
-                pending.append(seg.token)  # Marker not in this vocabulary: plain text
+            tid = None if isinstance(seg, Text) else single_token_id(tokenizer, seg.token)
+            if tid is None:  # text, or a Marker this vocabulary lacks
+                pending.append(seg.text if isinstance(seg, Text) else seg.token)
                 if not self.merge_text:
                     flush()
                 continue
@@ -198,6 +209,7 @@ class ChatFormat:
     def protected_ids(self, tokenizer) -> set[int]:
         """Ids that message content must never produce (control tokens of the template)."""
         ids = set(getattr(tokenizer, "all_special_ids", []) or [])
+        ids.discard(tokenizer.unk_token_id)  # unknown characters are not control tokens
         for tok in self.control_tokens():
             tid = single_token_id(tokenizer, tok)
             if tid is not None:
