@@ -124,27 +124,30 @@ class BackgroundServer:
 
 def start_server(model, host: str = "0.0.0.0", port: int = 6006, *, timeout: float = 30.0,
                  max_queue: int = 64, log_level: str = "warning") -> BackgroundServer:
-    """Serve a loaded model (``helpers.load_model(...)``) or a ready FastAPI app in the background.
+    """Serve a loaded model (``helpers.load_model(...)``), a running ``Engine``, or a ready FastAPI
+    app in the background.
 
     Returns the running ``BackgroundServer``; ``server.url`` is where to call it from this machine,
-    ``server.stop()`` shuts it down."""
+    ``server.stop()`` shuts it down (and the engine too when it was made here)."""
     from .engine import Engine
     from .server import create_app
 
-    engine = None
+    owned = None
     app = model
-    if hasattr(model, "chat_format"):  # a LoadedModel
-        engine = Engine(model, max_queue=max_queue).start()
-        app = create_app(engine)
-    server = BackgroundServer(app, host, port, engine=engine, log_level=log_level)
+    if hasattr(model, "chat_format"):  # a LoadedModel: the server gets its own engine
+        owned = Engine(model, max_queue=max_queue).start()
+        app = create_app(owned)
+    elif isinstance(model, Engine):
+        app = create_app(model.start())
+    server = BackgroundServer(app, host, port, engine=owned, log_level=log_level)
     try:
         server.start(timeout)
     except BaseException:
-        if engine is not None:
-            engine.stop()
+        if owned is not None:
+            owned.stop()
         raise
-    print(f"Serving {getattr(model, 'name', 'the app')} on http://{host}:{port} "
-          f"(from this machine: {server.url})", flush=True)
+    name = getattr(model, "name", None) or getattr(getattr(model, "loaded", None), "name", "the app")
+    print(f"Serving {name} on http://{host}:{port} (from this machine: {server.url})", flush=True)
     return server
 
 

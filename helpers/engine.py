@@ -296,6 +296,23 @@ class Engine:
         handle = self.submit(messages, params)
         return handle.result()
 
+    def params(self, **overrides) -> SamplingParams:
+        """Sampling settings: the model's vendor defaults, with ``overrides`` that are not None
+        (``max_new_tokens``, ``temperature``, ``top_p``, ``top_k``, ``repetition_penalty``, ``stop``,
+        ``seed``, ``timeout``)."""
+        d = self.loaded.generation_defaults
+        values = {key: d[key] for key in ("max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty")
+                  if key in d}
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return SamplingParams(**values)
+
+    def chat(self, messages: str | Sequence[Message], **overrides) -> str:
+        """Ask in a notebook: a prompt string or messages in, the answer text out."""
+        if isinstance(messages, str):
+            messages = [{"role": "user", "content": messages}]
+        result = self.generate(messages, self.params(**overrides))
+        return self.loaded.chat_format.postprocess(result.text)
+
     # -- worker
     def _work(self) -> None:
         while not self._stopping.is_set():

@@ -199,16 +199,8 @@ def create_app(engine: Engine, *, title: str | None = None) -> FastAPI:
                             status_code=422)
 
     def params_from(max_new_tokens, temperature, top_p, stop=None, seed=None) -> SamplingParams:
-        d = loaded.generation_defaults
-        return SamplingParams(
-            max_new_tokens=max_new_tokens if max_new_tokens is not None else d.get("max_new_tokens", 512),
-            temperature=temperature if temperature is not None else d.get("temperature", 1.0),
-            top_p=top_p if top_p is not None else d.get("top_p", 1.0),
-            top_k=d.get("top_k", 0),
-            repetition_penalty=d.get("repetition_penalty", 1.0),
-            stop=stop or [],
-            seed=seed,
-        )
+        return engine.params(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                             stop=stop or None, seed=seed)
 
     def submit(messages, params):
         try:
