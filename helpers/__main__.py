@@ -58,9 +58,13 @@ def cmd_serve(args) -> int:
     app = create_app(engine)
     print(f"Serving {loaded.name} on http://{args.host}:{args.port}  (Ctrl-C to stop)", flush=True)
     try:
-        uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level)).run()
+        uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                                      timeout_graceful_shutdown=5)).run()
+    except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it shut down on
+        pass
     finally:
         engine.stop()
+    print("Server stopped.", flush=True)
     return 0
 
 
@@ -136,9 +140,9 @@ def main(argv=None) -> int:
     p.set_defaults(func=cmd_tiny)
 
     p = sub.add_parser("demo", help="serve a stand-in, call it with the seed API and the openai client")
-    p.add_argument("--family", default="qwen")
     p.add_argument("--keep", action="store_true", help="keep serving after the demo calls")
     model_options(p)
+    p.set_defaults(family="qwen")
     p.set_defaults(func=cmd_demo)
 
     args = parser.parse_args(argv)

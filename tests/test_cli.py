@@ -1,0 +1,104 @@
+"""`python -m helpers serve` on every family's stand-in, called with the seed snippets and the
+official openai client; `python -m helpers tiny`."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import requests
+from openai import OpenAI
+
+from helpers.client import wait_until_ready
+
+from .conftest import FAMILIES, free_port
+
+
+def _serve(model_dir, port):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    return subprocess.Popen(
+        [sys.executable, "-m", "helpers", "serve", "--model", str(model_dir), "--host", "127.0.0.1",
+         "--port", str(port), "--log-level", "warning"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _stop(proc):
+    proc.send_signal(signal.SIGINT)
+    try:
+        return proc.communicate(timeout=30)[0]
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return proc.communicate()[0]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_serve_answers_seed_and_openai_clients(tiny_model_dir, family):
+    port = free_port()
+    proc = _serve(tiny_model_dir(family), port)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 90
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"server exited:\n{proc.communicate()[0]}")
+            try:
+                wait_until_ready(url, timeout=1)
+                break
+            except TimeoutError:
+                if time.time() > deadline:
+                    pytest.fail(f"server did not start:\n{_stop(proc)}")
+
+        # the seed tutorials' requests snippet
+        headers = {'Content-Type': 'application/json'}
+        data = {"prompt": "你好", "history": []}
+        response = requests.post(url=url, headers=headers, data=json.dumps(data))
+        assert response.status_code == 200 and response.json()["status"] == 200
+        assert isinstance(response.json()['response'], str)
+
+        client = OpenAI(base_url=url + "/v1", api_key="EMPTY", max_retries=0)
+        model = client.models.list().data[0].id
+        messages = [{"role": "user", "content": "你好"}, {"role": "assistant", "content": "你好！"},
+                    {"role": "user", "content": "Tell me a joke."}]
+        out = client.chat.completions.create(model=model, messages=messages, max_tokens=8, temperature=0)
+        assert out.choices[0].finish_reason in ("stop", "length")
+        streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
+            model=model, messages=messages, max_tokens=8, temperature=0, stream=True) if c.choices)
+        assert streamed == out.choices[0].message.content or streamed.strip() == out.choices[0].message.content
+    finally:
+        output = _stop(proc)
+    assert "Traceback" not in output, output
+
+
+def test_serve_refuses_a_taken_port(tiny_model_dir):
+    import socket
+
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        port = other.getsockname()[1]
+        out = subprocess.run([sys.executable, "-m", "helpers", "serve", "--model", str(tiny_model_dir("qwen")),
+                              "--host", "127.0.0.1", "--port", str(port)], capture_output=True, text=True,
+                             timeout=60)
+    assert out.returncode == 1
+    assert f"port {port} is already in use" in out.stderr
+
+
+def test_tiny_command_builds_a_loadable_standin(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "helpers", "tiny", "minicpm", str(tmp_path / "m")],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert (tmp_path / "m" / "config.json").exists()
+    from helpers.loading import detect_family
+
+    assert detect_family(tmp_path / "m") == "minicpm"
+
+
+def test_unknown_model_name_says_what_exists():
+    out = subprocess.run([sys.executable, "-m", "helpers", "serve", "--model", "no-such-model", "--port",
+                          str(free_port())], capture_output=True, text=True, timeout=60,
+                         env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    assert out.returncode == 1
+    assert "qwen-7b-chat" in out.stderr
