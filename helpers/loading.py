@@ -35,6 +35,7 @@ class LoadedModel:
     stop_ids: list[int] = field(default_factory=list)
     pad_id: int | None = None
     load_seconds: float = 0.0
+    standin: bool = False  # a tiny random-weight stand-in (tests, demo), not the real weights
 
     def memory_gb(self) -> float | None:
         """GPU memory allocated by torch in GB (None on the CPU)."""
@@ -47,7 +48,8 @@ class LoadedModel:
     def describe(self) -> str:
         mem = self.memory_gb()
         mem_text = f", GPU memory {mem:.1f} GB" if mem is not None else ""
-        return (f"{self.name} ({self.family}) on {self.device} in {str(self.dtype).replace('torch.', '')}"
+        kind = " [tiny random-weight stand-in]" if self.standin else ""
+        return (f"{self.name}{kind} ({self.family}) on {self.device} in {str(self.dtype).replace('torch.', '')}"
                 f", context {self.context_length} tokens{mem_text}, loaded in {self.load_seconds:.1f} s")
 
     def unload(self) -> None:
@@ -236,6 +238,7 @@ def load_model(model: str | os.PathLike, *, family: str | None = None, device: s
         dtype=torch_dtype, context_length=context, generation_defaults=defaults, stop_ids=stop_ids,
         pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (stop_ids[0] if stop_ids else 0),
         load_seconds=time.perf_counter() - started,
+        standin=(Path(path) / "tiny_standin.json").exists(),
     )
     print(loaded.describe(), flush=True)
     return loaded
