@@ -107,13 +107,14 @@ class RequestHandle:
         if event.finish_reason is not None:
             self.finish_reason = event.finish_reason
             self.error = event.error
+        # Always fill the thread-safe queue too: code in a notebook cell runs inside the kernel's
+        # event loop, yet reads the handle synchronously (engine.chat, `for event in handle`).
+        self._events.put(event)
         if self._loop is not None:
             try:
                 self._loop.call_soon_threadsafe(self._async_events.put_nowait, event)
             except RuntimeError:  # the loop is closed: nobody is listening any more
                 self._cancelled.set()
-        else:
-            self._events.put(event)
         if event.finish_reason is not None:
             self._done.set()
 
@@ -131,8 +132,6 @@ class RequestHandle:
         return self._done.is_set()
 
     def __iter__(self) -> Iterator[Event]:
-        if self._loop is not None:
-            raise RuntimeError("this handle was created in an event loop: use `async for`")
         while True:
             event = self._events.get()
             yield event
