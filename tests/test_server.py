@@ -212,3 +212,15 @@ def test_stream_disconnect_frees_the_worker(server, tiny_loaded):
         time.sleep(0.05)
     assert engine.running == 0
     assert requests.post(server.url, json={"prompt": "hi", "max_length": 4}).status_code == 200
+
+
+def test_helpers_client_functions(server):
+    from helpers.client import ask, get_completion, stream_chat, wait_until_ready
+
+    assert wait_until_ready(server.url, timeout=5)["status"] == "ok"
+    answer = get_completion("你好", url=server.url, max_length=8, temperature=0)
+    assert answer == ask("你好", url=server.url, max_length=8, temperature=0)["response"]
+    pieces = list(stream_chat("你好", url=server.url, max_tokens=8, temperature=0))
+    assert len(pieces) > 1 and "".join(pieces).strip() == answer
+    with pytest.raises(RuntimeError, match="temperature"):
+        get_completion("x", url=server.url, temperature=5)
