@@ -11,7 +11,7 @@ fi
 . .venv/bin/activate
 if ! python -c "import torch" 2>/dev/null; then
   echo "==> installing torch 2.13.0 (CPU build where a local wheel exists)"
-  pip install -q torch==2.13.0
+  pip install -q torch==2.13.0 2>&1 | grep -v "is ignored" || true
 fi
 echo "==> installing ${REQUIREMENTS:-requirements.txt} and the helpers package"
 pip install -q -r "${REQUIREMENTS:-requirements.txt}" -e . 2>&1 | grep -v "is ignored" || true
