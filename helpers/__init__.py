@@ -9,6 +9,7 @@ Heavy imports (torch, transformers, fastapi) happen inside the functions, so ``i
 
 from __future__ import annotations
 
+from .download import download  # the function (light: modelscope is imported when it runs)
 from .formats import ChatFormatError, get_chat_format, history_to_messages, messages_to_history
 from .registry import FAMILIES, MODELS, ModelSpec, get_spec
 
@@ -22,9 +23,6 @@ __all__ = [
 
 
 def __getattr__(name):  # lazy access to the heavier parts
-    if name == "download":
-        from .download import download
-        return download
     if name in ("load_model", "LoadedModel"):
         from . import loading
         return getattr(loading, name)

@@ -31,6 +31,7 @@ class SeedRequest(BaseModel):
     max_length: Optional[int] = Field(None, ge=1, description="new tokens to generate at most")
     top_p: Optional[float] = Field(None, gt=0, le=1)
     temperature: Optional[float] = Field(None, ge=0, le=2, description="0 means greedy decoding")
+    repetition_penalty: Optional[float] = Field(None, gt=0, le=2)
 
 
 class SeedResponse(BaseModel):
@@ -74,6 +75,9 @@ class ChatCompletionRequest(BaseModel):
     stop: Optional[Union[str, list[str]]] = None
     n: int = Field(1, ge=1, le=1, description="only one choice per request")
     seed: Optional[int] = None
+    # not OpenAI's, but understood by vLLM and others (openai client: extra_body={...})
+    top_k: Optional[int] = Field(None, ge=0)
+    repetition_penalty: Optional[float] = Field(None, gt=0, le=2)
     presence_penalty: Optional[float] = Field(None, ge=-2, le=2)
     frequency_penalty: Optional[float] = Field(None, ge=-2, le=2)
     user: Optional[str] = None
@@ -198,9 +202,10 @@ def create_app(engine: Engine, *, title: str | None = None) -> FastAPI:
         return JSONResponse({"response": "", "history": [], "status": 422, "time": _now(), "error": message},
                             status_code=422)
 
-    def params_from(max_new_tokens, temperature, top_p, stop=None, seed=None) -> SamplingParams:
-        return engine.params(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                             stop=stop or None, seed=seed)
+    def params_from(body, max_new_tokens, stop=None) -> SamplingParams:
+        return engine.params(max_new_tokens=max_new_tokens, temperature=body.temperature, top_p=body.top_p,
+                             top_k=getattr(body, "top_k", None), repetition_penalty=body.repetition_penalty,
+                             stop=stop or None, seed=getattr(body, "seed", None))
 
     def submit(messages, params):
         try:
@@ -231,7 +236,7 @@ def create_app(engine: Engine, *, title: str | None = None) -> FastAPI:
             messages = history_to_messages(body.prompt, body.history)
         except ChatFormatError as exc:
             raise APIError(422, str(exc), param="history") from exc
-        handle = submit(messages, params_from(body.max_length, body.temperature, body.top_p))
+        handle = submit(messages, params_from(body, body.max_length))
         result = await finish(handle)
         response = loaded.chat_format.postprocess(result.text)
         history = messages_to_history(messages) + [[body.prompt, response]]
@@ -245,7 +250,7 @@ def create_app(engine: Engine, *, title: str | None = None) -> FastAPI:
         stop = [body.stop] if isinstance(body.stop, str) else (body.stop or [])
         max_new = body.max_completion_tokens or body.max_tokens
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-        handle = submit(messages, params_from(max_new, body.temperature, body.top_p, stop, body.seed))
+        handle = submit(messages, params_from(body, max_new, stop))
         completion_id = f"chatcmpl-{uuid.uuid4().hex}"
         now = int(time.time())
         if not body.stream:

@@ -21,7 +21,9 @@ from urllib.parse import parse_qs, urlparse
 # imported here, once: modelscope's log handler then writes to the session's stderr
 from modelscope.hub.snapshot_download import snapshot_download
 
-from helpers import download as dl
+import importlib
+
+dl = importlib.import_module("helpers.download")  # the module (helpers.download is also the function)
 from helpers.download import DownloadError, download, seed_cache
 from helpers.registry import MODELS
 

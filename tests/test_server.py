@@ -224,3 +224,15 @@ def test_helpers_client_functions(server):
     assert len(pieces) > 1 and "".join(pieces).strip() == answer
     with pytest.raises(RuntimeError, match="temperature"):
         get_completion("x", url=server.url, temperature=5)
+
+
+def test_repetition_penalty_and_top_k_are_accepted(client, server):
+    out = client.chat.completions.create(model="qwen-7b-chat", messages=[{"role": "user", "content": "hi"}],
+                                         extra_body={"repetition_penalty": 1.3, "top_k": 5}, **GREEDY)
+    plain = client.chat.completions.create(model="qwen-7b-chat", messages=[{"role": "user", "content": "hi"}],
+                                           **GREEDY)
+    assert out.choices[0].message.content != plain.choices[0].message.content  # the penalty was applied
+    r = requests.post(server.url, json={"prompt": "hi", "repetition_penalty": 1.2, "max_length": 4})
+    assert r.status_code == 200
+    r = requests.post(server.url, json={"prompt": "hi", "repetition_penalty": 0})
+    assert r.status_code == 422 and "repetition_penalty" in r.json()["error"]
