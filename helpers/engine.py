@@ -1,9 +1,14 @@
-"""The engine: one worker thread owns the model; requests wait in a bounded queue.
+"""The engine: one worker thread owns the model and serves many requests together.
 
 The HTTP layer never touches torch: it calls ``engine.submit(messages, params)`` and reads the
-returned ``RequestHandle`` (blocking iteration, ``async for``, or ``result()``). The worker turns
-each request into prompt ids with the family's chat format, generates with ``model.generate`` and a
-streamer, and pushes text deltas to the handle as they are decoded.
+returned ``RequestHandle`` (blocking iteration, ``async for``, or ``result()``).
+
+The worker runs a step loop (continuous batching): requests that arrive while others generate are
+prefilled and join the running batch; every step runs one forward pass for all running requests,
+picks each one's next token with its own sampling settings, streams the decoded text, and lets a
+request leave as soon as it hits a stop id, a stop string, its ``max_new_tokens``, its time limit
+or a cancel. Waiting requests are bounded (``max_queue``, then ``QueueFull``), running ones too
+(``max_batch``, and a KV-cache budget in tokens sized from the memory left after loading).
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import threading
 import time
 import traceback
 import uuid
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
@@ -87,6 +93,8 @@ class RequestHandle:
         self.messages = list(messages)
         self.params = params
         self.created = time.time()
+        self.started: float | None = None       # when the worker began its prefill
+        self.first_token: float | None = None   # when its first token was generated
         self.prompt_tokens = 0
         self.completion_tokens = 0
         self.finish_reason: str | None = None
@@ -103,20 +111,16 @@ class RequestHandle:
             pass
 
     # -- producer side (engine worker)
-    def _push(self, event: Event) -> None:
+    def _record(self, event: Event) -> None:
         if event.finish_reason is not None:
             self.finish_reason = event.finish_reason
             self.error = event.error
         # Always fill the thread-safe queue too: code in a notebook cell runs inside the kernel's
         # event loop, yet reads the handle synchronously (engine.chat, `for event in handle`).
         self._events.put(event)
-        if self._loop is not None:
-            try:
-                self._loop.call_soon_threadsafe(self._async_events.put_nowait, event)
-            except RuntimeError:  # the loop is closed: nobody is listening any more
-                self._cancelled.set()
-        if event.finish_reason is not None:
-            self._done.set()
+
+    def _push(self, event: Event) -> None:
+        _deliver([(self, event)])
 
     # -- consumer side
     def cancel(self) -> None:
@@ -162,40 +166,82 @@ class RequestHandle:
         return self._result(texts, self.created)
 
 
+
+
+def _deliver(pairs: Sequence[tuple["RequestHandle", Event]]) -> None:
+    """Hand events to their handles; one wake-up per event loop, however many events."""
+    by_loop: dict[Any, list] = {}
+    for handle, event in pairs:
+        handle._record(event)
+        if handle._loop is not None:
+            by_loop.setdefault(handle._loop, []).append((handle, event))
+        elif event.finish_reason is not None:
+            handle._done.set()
+
+    for loop, items in by_loop.items():
+        def put(items=items):
+            for handle, event in items:
+                handle._async_events.put_nowait(event)
+        try:
+            loop.call_soon_threadsafe(put)
+        except RuntimeError:  # the loop is closed: nobody is listening any more
+            for handle, _ in items:
+                handle._cancelled.set()
+        for handle, event in items:
+            if event.finish_reason is not None:
+                handle._done.set()
+
+
 class _Detokenizer:
-    """Turns generated ids into text deltas; cuts at stop strings, holding back text that may be
-    the start of one, and never emits half a UTF-8 character."""
+    """Turns generated ids into text deltas, incrementally (only the last few ids are decoded
+    each step); cuts at stop strings, holding back text that may be the start of one, and never
+    emits half a UTF-8 character."""
 
     def __init__(self, tokenizer, stop_strings: Sequence[str]):
         self.tokenizer = tokenizer
         self.stop_strings = [s for s in stop_strings if s]
         self.ids: list[int] = []
+        self.prefix = 0      # ids[prefix:read] decode to text already accounted for
+        self.read = 0
         self.text = ""       # decoded so far (complete characters)
         self.emitted = 0     # characters of self.text already sent
         self.stopped = False
 
+    def _decode(self, ids) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
     def add(self, token_ids: Sequence[int]) -> str:
         self.ids.extend(int(t) for t in token_ids)
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        if text.endswith("\ufffd"):
-            return ""  # wait for the rest of the character
-        self.text = text
-        for s in self.stop_strings:
-            pos = text.find(s, max(0, self.emitted - len(s)))
-            if pos != -1:
-                self.text = text = text[:pos]
-                self.stopped = True
-        if self.stopped:
-            return self._take(len(text))
-        hold = 0
-        for s in self.stop_strings:
-            for k in range(min(len(s) - 1, len(text)), 0, -1):
-                if text.endswith(s[:k]):
-                    hold = max(hold, k)
-                    break
-        return self._take(len(text) - hold)
+        before = self._decode(self.ids[self.prefix:self.read])
+        after = self._decode(self.ids[self.prefix:])
+        if len(after) <= len(before) or after.endswith("\ufffd"):
+            return ""  # nothing new yet, or half a character: wait for the rest
+        self.text += after[len(before):]
+        self.prefix, self.read = self.read, len(self.ids)
+        if self.stop_strings:
+            for s in self.stop_strings:
+                pos = self.text.find(s, max(0, self.emitted - len(s)))
+                if pos != -1:
+                    self.text = self.text[:pos]
+                    self.stopped = True
+            if self.stopped:
+                return self._take(len(self.text))
+            hold = 0
+            for s in self.stop_strings:
+                for k in range(min(len(s) - 1, len(self.text)), 0, -1):
+                    if self.text.endswith(s[:k]):
+                        hold = max(hold, k)
+                        break
+            return self._take(len(self.text) - hold)
+        return self._take(len(self.text))
 
     def flush(self) -> str:
+        """Everything not sent yet, at the end (a last incomplete character shows as U+FFFD)."""
+        if not self.stopped and self.read < len(self.ids):
+            before = self._decode(self.ids[self.prefix:self.read])
+            after = self._decode(self.ids[self.prefix:])
+            self.text += after[len(before):]
+            self.prefix = self.read = len(self.ids)
         return self._take(len(self.text))
 
     def _take(self, upto: int) -> str:
@@ -206,68 +252,149 @@ class _Detokenizer:
         return delta
 
 
+class _Sequence:
+    """One running request inside the batch."""
+
+    def __init__(self, handle: RequestHandle, engine: "Engine"):
+        import torch
+
+        self.handle = handle
+        self.params = handle.params
+        self.prompt = list(handle._prompt_ids)
+        self.generated: list[int] = []
+        fmt = engine.loaded.chat_format
+        self.detok = _Detokenizer(engine.loaded.tokenizer, list(fmt.stop_strings) + list(self.params.stop))
+        timeout = self.params.timeout or engine.default_timeout
+        self.deadline = handle.created + timeout if timeout else None
+        self.generator = None
+        if not self.params.greedy:
+            self.generator = torch.Generator(device=engine.device)
+            self.generator.manual_seed(self.params.seed if self.params.seed is not None
+                                       else int.from_bytes(uuid.uuid4().bytes[:6], "little"))
+        self.seen: Any = None  # token ids for the repetition penalty (tensor, on the model's device)
+        self.reserved = len(self.prompt) + self.params.max_new_tokens  # KV tokens it may need
+
+    @property
+    def length(self) -> int:
+        """Tokens in its cache after the current input token is processed."""
+        return len(self.prompt) + len(self.generated)
+
+
+def _sample(logits, seqs: Sequence[_Sequence], device):
+    """Next token per row: repetition penalty, then greedy or temperature/top-k/top-p sampling,
+    each row with its own settings (and its own random generator)."""
+    import torch
+
+    logits = logits.float()
+    bad = ~torch.isfinite(logits)
+    if bool(bad.any()):  # fp16 overflow shows up as inf/nan: never pick those
+        logits = logits.masked_fill(bad, float("-inf"))
+    greedy_all = all(s.params.greedy and s.params.repetition_penalty == 1.0 for s in seqs)
+    if greedy_all:
+        return logits.argmax(-1).tolist()
+    out = []
+    for i, seq in enumerate(seqs):
+        row = logits[i]
+        p = seq.params
+        if p.repetition_penalty != 1.0:
+            if seq.seen is None:
+                seq.seen = torch.tensor(seq.prompt + seq.generated, dtype=torch.long, device=device)
+            score = row.gather(0, seq.seen)
+            score = torch.where(score < 0, score * p.repetition_penalty, score / p.repetition_penalty)
+            row = row.scatter(0, seq.seen, score)
+        if p.greedy:
+            out.append(int(row.argmax()))
+            continue
+        row = row / p.temperature
+        if p.top_k and p.top_k > 0:
+            kth = torch.topk(row, min(p.top_k, row.shape[-1])).values[-1]
+            row = row.masked_fill(row < kth, float("-inf"))
+        if p.top_p < 1.0:
+            sorted_logits, order = torch.sort(row, descending=False)
+            cumulative = sorted_logits.softmax(-1).cumsum(-1)
+            remove = cumulative <= (1 - p.top_p)
+            remove[-1] = False  # keep at least one token
+            row = row.masked_fill(remove.scatter(0, order, remove), float("-inf"))
+        probs = row.softmax(-1)
+        out.append(int(torch.multinomial(probs, 1, generator=seq.generator)))
+    return out
+
+
 class Engine:
     """Serve generation requests for one loaded model from a single worker thread.
 
-    ``max_queue`` bounds how many requests may wait; beyond it ``submit`` raises ``QueueFull``.
+    ``max_queue``: requests that may wait before ``submit`` raises ``QueueFull``.
+    ``max_batch``: requests generated together (1 = one at a time).
+    ``kv_budget_tokens``: KV-cache tokens the running batch may hold (padding included); by default
+    sized from the GPU memory left after loading, or unlimited on the CPU.
     """
 
-    def __init__(self, loaded, *, max_queue: int = 64, default_timeout: float | None = None):
+    def __init__(self, loaded, *, max_queue: int = 64, max_batch: int = 16,
+                 kv_budget_tokens: int | None = None, default_timeout: float | None = None,
+                 check_batching: bool = True):
         self.loaded = loaded
         self.max_queue = max_queue
+        self.max_batch = max(1, int(max_batch))
         self.default_timeout = default_timeout
-        self._queue: queue.Queue[RequestHandle | None] = queue.Queue()
-        self._waiting = 0
-        self._running: RequestHandle | None = None
-        self._lock = threading.Lock()
+        self.check_batching = check_batching
+        self.batching_note = ""
+        self.kv_budget_tokens = kv_budget_tokens
+        self._waiting: deque[RequestHandle] = deque()
+        self._cond = threading.Condition()
         self._tokenizer_lock = threading.Lock()
+        self._batch: list[_Sequence] = []
+        self._cache = None  # BatchCache of the running batch
+        self._seq_dim: int | None = None
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
+        self._ready = threading.Event()
         self.stats = {"requests": 0, "completed": 0, "failed": 0, "cancelled": 0, "rejected": 0,
-                      "prompt_tokens": 0, "completion_tokens": 0}
+                      "prompt_tokens": 0, "completion_tokens": 0, "steps": 0, "peak_batch": 0}
+
+    @property
+    def device(self):
+        return self.loaded.model.device
 
     # -- lifecycle
     def start(self) -> "Engine":
         if self._thread is None or not self._thread.is_alive():
             self._stopping.clear()
+            self._ready.clear()
             self._thread = threading.Thread(target=self._work, name="llm-engine", daemon=True)
             self._thread.start()
+            self._ready.wait(120)
         return self
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Stop the worker: the running request is cancelled, waiting ones end with an error."""
+        """Stop the worker: running and waiting requests end with an error."""
         self._stopping.set()
-        running = self._running
-        if running is not None:
-            running.cancel()
-        self._queue.put(None)
-        if self._thread is not None:
+        with self._cond:
+            self._cond.notify_all()
+        if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout)
-        while True:
-            try:
-                handle = self._queue.get_nowait()
-            except queue.Empty:
-                break
-            if handle is not None and not handle.done:
-                handle._push(Event(finish_reason="error", error="the server is shutting down"))
+        with self._cond:
+            waiting, self._waiting = list(self._waiting), deque()
+        _deliver([(h, Event(finish_reason="error", error="the server is shutting down"))
+                  for h in waiting if not h.done])
 
     @property
     def alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+        return self._thread is not None and self._thread.is_alive() and not self._stopping.is_set()
 
     @property
     def waiting(self) -> int:
-        return self._waiting
+        return len(self._waiting)
 
     @property
     def running(self) -> int:
-        return 1 if self._running is not None else 0
+        return len(self._batch)
 
     # -- requests
     def submit(self, messages: Sequence[Message], params: SamplingParams | None = None) -> RequestHandle:
         """Queue a chat request. Raises ``ChatFormatError`` for messages the model's format cannot
-        take, ``QueueFull`` when too many requests wait, ``EngineStopped`` when not running."""
-        if not self.alive or self._stopping.is_set():
+        take or that do not fit, ``QueueFull`` when too many requests wait, ``EngineStopped`` when
+        not running."""
+        if not self.alive:
             raise EngineStopped("the engine is not running")
         params = params or SamplingParams()
         fmt = self.loaded.chat_format
@@ -281,13 +408,19 @@ class Engine:
         with self._tokenizer_lock:
             handle._prompt_ids = fmt.encode_within(self.loaded.tokenizer, messages, budget)
         handle.prompt_tokens = len(handle._prompt_ids)
-        with self._lock:
-            if self._waiting >= self.max_queue:
+        needed = handle.prompt_tokens + params.max_new_tokens
+        if self.kv_budget_tokens is not None and needed > self.kv_budget_tokens:
+            raise ChatFormatError(
+                f"this request may need {needed} tokens of KV cache (prompt {handle.prompt_tokens} + "
+                f"max_tokens {params.max_new_tokens}) but the server holds at most {self.kv_budget_tokens}: "
+                "lower max_tokens or shorten the conversation")
+        with self._cond:
+            if len(self._waiting) >= self.max_queue:
                 self.stats["rejected"] += 1
-                raise QueueFull(f"{self._waiting} requests are already waiting: try again shortly")
-            self._waiting += 1
+                raise QueueFull(f"{len(self._waiting)} requests are already waiting: try again shortly")
+            self._waiting.append(handle)
             self.stats["requests"] += 1
-        self._queue.put(handle)
+            self._cond.notify()
         return handle
 
     def generate(self, messages: Sequence[Message], params: SamplingParams | None = None) -> Result:
@@ -312,109 +445,263 @@ class Engine:
         result = self.generate(messages, self.params(**overrides))
         return self.loaded.chat_format.postprocess(result.text)
 
-    # -- worker
+    # -- the worker
     def _work(self) -> None:
-        while not self._stopping.is_set():
-            handle = self._queue.get()
-            if handle is None:
-                continue
-            with self._lock:
-                self._waiting -= 1
-            if handle.cancelled:
-                handle._push(Event(finish_reason="cancelled"))
-                self.stats["cancelled"] += 1
-                continue
-            self._running = handle
-            try:
-                self._run(handle)
-            except Exception as exc:  # one request fails; the worker goes on
-                traceback.print_exc()
-                self.stats["failed"] += 1
-                handle._push(Event(finish_reason="error", error=_describe_error(exc)))
-                _free_cuda_cache()
-            finally:
-                self._running = None
-
-    def _run(self, handle: RequestHandle) -> None:
         import torch
-        from transformers import StoppingCriteria, StoppingCriteriaList
-        from transformers.generation.streamers import BaseStreamer
 
-        loaded, params = self.loaded, handle.params
-        fmt = loaded.chat_format
-        deadline = None
-        timeout = params.timeout or self.default_timeout
-        if timeout:
-            deadline = handle.created + timeout
-        detok = _Detokenizer(loaded.tokenizer, list(fmt.stop_strings) + list(params.stop))
-        state = {"prompt_seen": False, "finish": None}
-        stop_ids = set(loaded.stop_ids)
+        try:
+            with torch.inference_mode():
+                self._prepare()
+                self._ready.set()
+                while not self._stopping.is_set():
+                    self._admit()
+                    if self._batch:
+                        self._step()
+        finally:
+            self._ready.set()
+            self._fail_batch("the server is shutting down")
 
-        class Streamer(BaseStreamer):
-            def put(self, value):
-                if not state["prompt_seen"]:  # generate() first passes the prompt
-                    state["prompt_seen"] = True
-                    return
-                ids = [int(t) for t in value.reshape(-1).tolist()]
-                ids = [t for t in ids if t not in stop_ids]
-                handle.completion_tokens += len(value.reshape(-1))
-                if ids and not detok.stopped:
-                    delta = detok.add(ids)
-                    if delta:
-                        handle._push(Event(text=delta))
+    def _prepare(self) -> None:
+        """Size the KV budget and check that batching gives the same results as one at a time."""
+        if self.kv_budget_tokens is None:
+            self.kv_budget_tokens = _default_kv_budget(self.loaded)
+        if self.max_batch > 1 and self.check_batching:
+            problem = _check_batching(self)
+            if problem:
+                self.batching_note = f"batching disabled: {problem}"
+                print(f"[engine] {self.batching_note}; serving one request at a time", flush=True)
+                self.max_batch = 1
 
-            def end(self):
-                pass
+    def _admit(self) -> None:
+        """Move waiting requests into the batch while there is room (blocks when idle)."""
+        with self._cond:
+            while not self._waiting and not self._batch and not self._stopping.is_set():
+                self._cond.wait(0.5)
+            admitted = []
+            while self._waiting and len(self._batch) + len(admitted) < self.max_batch:
+                head = self._waiting[0]
+                if head.cancelled:
+                    self._waiting.popleft()
+                    self.stats["cancelled"] += 1
+                    _deliver([(head, Event(finish_reason="cancelled"))])
+                    continue
+                if not self._fits(head, admitted):
+                    break
+                admitted.append(self._waiting.popleft())
+        for handle in admitted:
+            if self._stopping.is_set():
+                _deliver([(handle, Event(finish_reason="error", error="the server is shutting down"))])
+                continue
+            self._prefill(handle)
 
-        class Criteria(StoppingCriteria):
-            def __call__(self, input_ids, scores, **kwargs):
-                if handle.cancelled or self_stopping.is_set():
-                    state["finish"] = "cancelled"
-                    return True
-                if deadline is not None and time.time() > deadline:
-                    state["finish"] = "timeout"
-                    return True
-                return detok.stopped
+    def _fits(self, handle: RequestHandle, admitted: list) -> bool:
+        if self.kv_budget_tokens is None or not (self._batch or admitted):
+            return True
+        reserved = [s.reserved for s in self._batch] + [h.prompt_tokens + h.params.max_new_tokens for h in admitted]
+        reserved.append(handle.prompt_tokens + handle.params.max_new_tokens)
+        # rows are padded to the longest one: the batch costs rows x longest
+        return len(reserved) * max(reserved) <= self.kv_budget_tokens
 
-        self_stopping = self._stopping
-        input_ids = torch.tensor([handle._prompt_ids], dtype=torch.long, device=loaded.model.device)
-        gen_kwargs: dict[str, Any] = dict(
+    def _forward(self, input_ids, mask, positions, past):
+        padded = mask is not None and not bool(mask.all())
+        out = self.loaded.model(
             input_ids=input_ids,
-            attention_mask=torch.ones_like(input_ids),
-            max_new_tokens=params.max_new_tokens,
-            eos_token_id=list(loaded.stop_ids) or None,
-            pad_token_id=loaded.pad_id,
-            streamer=Streamer(),
-            stopping_criteria=StoppingCriteriaList([Criteria()]),
-            repetition_penalty=params.repetition_penalty,
+            attention_mask=mask if padded else None,
+            position_ids=positions,
+            past_key_values=past,
+            use_cache=True,
+            return_dict=True,
         )
-        if params.greedy:
-            gen_kwargs.update(do_sample=False, temperature=1.0, top_p=1.0, top_k=50)
+        return out.logits[:, -1, :], out.past_key_values
+
+    def _prefill(self, handle: RequestHandle) -> None:
+        import torch
+
+        from .kvcache import FAMILY_SEQ_DIM, BatchCache, detect_seq_dim
+
+        seq = _Sequence(handle, self)
+        handle.started = time.time()
+        try:
+            ids = torch.tensor([seq.prompt], dtype=torch.long, device=self.device)
+            positions = torch.arange(len(seq.prompt), device=self.device).unsqueeze(0)
+            logits, past = self._forward(ids, None, positions, None)
+            if self._seq_dim is None:
+                self._seq_dim = detect_seq_dim(past, len(seq.prompt), FAMILY_SEQ_DIM.get(self.loaded.family, 2))
+            mask = torch.ones((1, len(seq.prompt)), dtype=torch.long, device=self.device)
+            cache = BatchCache.from_model(past, mask, self._seq_dim)
+            token = _sample(logits, [seq], self.device)[0]
+        except Exception as exc:  # this request fails alone
+            self._fail([seq], exc)
+            return
+        if self._cache is None or not self._batch:
+            self._cache = cache
         else:
-            gen_kwargs.update(do_sample=True, temperature=params.temperature, top_p=params.top_p,
-                              top_k=params.top_k)
-            if params.seed is not None:
-                torch.manual_seed(params.seed)
-        with torch.inference_mode():
-            output = loaded.model.generate(**gen_kwargs)
-        new_ids = output[0, input_ids.shape[1]:].tolist()
-        handle.completion_tokens = len(new_ids)
-        tail = detok.flush()
-        if tail:
-            handle._push(Event(text=tail))
-        if state["finish"]:
-            finish = state["finish"]
-        elif detok.stopped or (new_ids and new_ids[-1] in stop_ids):
-            finish = "stop"
-        else:
-            finish = "length"
-        if finish == "cancelled":
-            self.stats["cancelled"] += 1
-        else:
-            self.stats["completed"] += 1
-        self.stats["prompt_tokens"] += handle.prompt_tokens
-        self.stats["completion_tokens"] += handle.completion_tokens
-        handle._push(Event(finish_reason=finish))
+            self._cache.merge(cache)
+        self._batch.append(seq)
+        self.stats["peak_batch"] = max(self.stats["peak_batch"], len(self._batch))
+        events: list = []
+        self._retire(self._advance([seq], [token], events))
+        _deliver(events)
+
+    def _step(self) -> None:
+        import torch
+
+        cache = self._cache
+        seqs = self._batch
+        last = torch.tensor([[s.generated[-1]] for s in seqs], dtype=torch.long, device=self.device)
+        positions = torch.tensor([[s.length - 1] for s in seqs], dtype=torch.long, device=self.device)
+        mask = torch.cat([cache.mask, cache.mask.new_ones((len(seqs), 1))], dim=1)
+        try:
+            logits, past = self._forward(last, mask, positions, cache.to_model())
+        except Exception as exc:  # a fault in the shared step fails the whole batch
+            self._fail(list(seqs), exc)
+            self._batch, self._cache = [], None
+            _free_cuda_cache()
+            return
+        cache.update(past, mask)
+        self.stats["steps"] += 1
+        tokens = _sample(logits, seqs, self.device)
+        events: list = []
+        done = self._advance(seqs, tokens, events)
+        self._retire(done)
+        _deliver(events)
+
+    def _advance(self, seqs: Sequence[_Sequence], tokens: Sequence[int], events: list) -> list[int]:
+        """Append each row's new token; return the indices (in ``self._batch``) that finished."""
+        stop_ids = set(self.loaded.stop_ids)
+        finished = []
+        now = time.time()
+        for seq, token in zip(seqs, tokens):
+            handle = seq.handle
+            if handle.first_token is None:
+                handle.first_token = now
+            seq.generated.append(token)
+            if seq.seen is not None:
+                import torch
+
+                seq.seen = torch.cat([seq.seen, seq.seen.new_tensor([token])])
+            handle.completion_tokens = len(seq.generated)
+            reason = None
+            if token in stop_ids:
+                reason = "stop"
+            else:
+                delta = seq.detok.add([token])
+                if delta:
+                    events.append((handle, Event(text=delta)))
+                if seq.detok.stopped:
+                    reason = "stop"
+            if reason is None:
+                if handle.cancelled:
+                    reason = "cancelled"
+                elif seq.deadline is not None and now > seq.deadline:
+                    reason = "timeout"
+                elif len(seq.generated) >= seq.params.max_new_tokens or seq.length >= self.loaded.context_length:
+                    reason = "length"
+            if reason is not None:
+                tail = seq.detok.flush()
+                if tail:
+                    events.append((handle, Event(text=tail)))
+                events.append((handle, Event(finish_reason=reason)))
+                self._count(seq, reason)
+                finished.append(self._batch.index(seq))
+        return finished
+
+    def _count(self, seq: _Sequence, reason: str) -> None:
+        self.stats["cancelled" if reason == "cancelled" else "completed"] += 1
+        self.stats["prompt_tokens"] += len(seq.prompt)
+        self.stats["completion_tokens"] += len(seq.generated)
+
+    def _retire(self, finished: list[int]) -> None:
+        if not finished:
+            return
+        keep = [i for i in range(len(self._batch)) if i not in set(finished)]
+        self._batch = [self._batch[i] for i in keep]
+        if not self._batch:
+            self._cache = None
+            return
+        self._cache.keep(keep)
+
+    def _fail(self, seqs: Sequence[_Sequence], exc: BaseException) -> None:
+        traceback.print_exception(exc)
+        message = _describe_error(exc)
+        self.stats["failed"] += len(seqs)
+        _deliver([(s.handle, Event(finish_reason="error", error=message)) for s in seqs])
+        _free_cuda_cache()
+
+    def _fail_batch(self, message: str) -> None:
+        seqs, self._batch, self._cache = self._batch, [], None
+        _deliver([(s.handle, Event(finish_reason="error", error=message)) for s in seqs if not s.handle.done])
+
+
+def _default_kv_budget(loaded) -> int | None:
+    """KV-cache tokens that fit in the GPU memory left after loading (keeping 10% and at least
+    1.5 GB for activations and logits); None (no limit) on the CPU."""
+    import torch
+
+    from .kvcache import kv_bytes_per_token
+
+    if not str(loaded.device).startswith("cuda") or not torch.cuda.is_available():
+        return None
+    free, total = torch.cuda.mem_get_info(torch.device(loaded.device))
+    reserve = max(int(1.5 * 1024**3), int(0.1 * total))
+    per_token = kv_bytes_per_token(loaded.model.config, loaded.dtype)
+    return max(0, (free - reserve) // per_token)
+
+
+def _check_batching(engine: Engine) -> str:
+    """Run two prompts of different lengths alone and together (the shorter one first, the longer
+    one joining a step later) and compare the logits. Remote model code that ignores position ids
+    or padding masks gives different numbers: then the engine serves one request at a time."""
+    import torch
+
+    from .kvcache import FAMILY_SEQ_DIM, BatchCache, detect_seq_dim
+
+    tok, fmt = engine.loaded.tokenizer, engine.loaded.chat_format
+    short = fmt.encode(tok, [{"role": "user", "content": "Hi"}])
+    long = fmt.encode(tok, [{"role": "user", "content": "Please tell me a long story about the sea."}])
+    if len(long) <= len(short):
+        long = long + long[-3:]
+    device = engine.device
+    default_dim = FAMILY_SEQ_DIM.get(engine.loaded.family, 2)
+
+    def prefill(ids):
+        t = torch.tensor([ids], dtype=torch.long, device=device)
+        logits, past = engine._forward(t, None, torch.arange(len(ids), device=device).unsqueeze(0), None)
+        dim = detect_seq_dim(past, len(ids), default_dim)
+        return logits, BatchCache.from_model(past, torch.ones((1, len(ids)), dtype=torch.long, device=device), dim)
+
+    def step(cache, tokens, lengths):
+        ids = torch.tensor([[t] for t in tokens], dtype=torch.long, device=device)
+        pos = torch.tensor([[n] for n in lengths], dtype=torch.long, device=device)
+        mask = torch.cat([cache.mask, cache.mask.new_ones((len(tokens), 1))], dim=1)
+        logits, past = engine._forward(ids, mask, pos, cache.to_model())
+        cache.update(past, mask)
+        return logits
+
+    try:
+        # alone
+        a0, ca = prefill(short)
+        ta = int(a0.argmax(-1))
+        a1 = step(ca, [ta], [len(short)])
+        ta2 = int(a1.argmax(-1))
+        a2 = step(ca, [ta2], [len(short) + 1])
+        b0, cb = prefill(long)
+        tb = int(b0.argmax(-1))
+        b1 = step(cb, [tb], [len(long)])
+        # together: the short one runs a step, then the long one joins
+        x0, cx = prefill(short)
+        step(cx, [ta], [len(short)])
+        _, cy = prefill(long)
+        cx.merge(cy)
+        both = step(cx, [ta2, tb], [len(short) + 1, len(long)])
+    except Exception as exc:  # noqa: BLE001 - any failure means: do not batch
+        return f"{type(exc).__name__}: {exc}"
+    for got, want in ((both[0], a2[0]), (both[1], b1[0])):
+        scale = float(want.float().std()) or 1.0
+        diff = float((got.float() - want.float()).abs().max()) / scale
+        if diff > 0.05:
+            return f"batched logits differ from single-request logits (relative difference {diff:.3f})"
+    return ""
 
 
 def _describe_error(exc: BaseException) -> str:

@@ -140,7 +140,7 @@ def test_full_queue_refuses(tiny_loaded):
 def test_an_exception_in_generation_fails_only_that_request(tiny_loaded):
     loaded = tiny_loaded("qwen")
     engine = Engine(loaded).start()
-    original = loaded.model.generate
+    original = loaded.model.forward
     calls = {"n": 0}
 
     def flaky(*args, **kwargs):
@@ -149,13 +149,13 @@ def test_an_exception_in_generation_fails_only_that_request(tiny_loaded):
             raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return original(*args, **kwargs)
 
-    loaded.model.generate = flaky
+    loaded.model.forward = flaky
     try:
         with pytest.raises(Exception, match="out of memory"):
             engine.generate([{"role": "user", "content": "x"}], GREEDY)
         assert engine.generate([{"role": "user", "content": "x"}], GREEDY).completion_tokens > 0
     finally:
-        del loaded.model.generate
+        del loaded.model.forward
         engine.stop()
 
 

@@ -1,0 +1,225 @@
+"""Continuous batching: many requests generated together give what each gives alone, on every
+family's stand-in and on fakes with the cache layouts the stand-ins cannot show."""
+
+import time
+
+import pytest
+import requests
+import torch
+
+from helpers.background import start_server
+from helpers.engine import Engine, SamplingParams
+from helpers.loading import LoadedModel
+
+from .conftest import FAMILIES, free_port
+
+GREEDY = SamplingParams(max_new_tokens=16, temperature=0)
+PROMPTS = [f"问题 {i}: " + "hello world " * i for i in range(6)]
+
+
+def _msgs(text):
+    return [{"role": "user", "content": text}]
+
+
+def _solo(loaded, prompts, params=GREEDY):
+    engine = Engine(loaded, max_batch=1).start()
+    try:
+        return [engine.generate(_msgs(p), params).text for p in prompts]
+    finally:
+        engine.stop()
+
+
+def _together(engine, prompts, params=GREEDY):
+    handles = [engine.submit(_msgs(p), params) for p in prompts]
+    return [h.result().text for h in handles]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_batched_results_equal_solo_results(tiny_loaded, family):
+    loaded = tiny_loaded(family)
+    engine = Engine(loaded, max_batch=8).start()
+    try:
+        assert engine.max_batch == 8, engine.batching_note  # the self-check let batching on
+        together = _together(engine, PROMPTS)
+        assert engine.stats["peak_batch"] > 1  # they really ran together
+    finally:
+        engine.stop()
+    assert together == _solo(loaded, PROMPTS)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_engine_matches_transformers_generate(tiny_loaded, family):
+    loaded = tiny_loaded(family)
+    ids = loaded.chat_format.encode(loaded.tokenizer, _msgs(PROMPTS[3]))
+    out = loaded.model.generate(torch.tensor([ids]), attention_mask=torch.ones((1, len(ids)), dtype=torch.long),
+                                max_new_tokens=16, do_sample=False, repetition_penalty=1.0, top_p=1.0,
+                                top_k=50, temperature=1.0, eos_token_id=loaded.stop_ids, pad_token_id=loaded.pad_id)
+    new = [t for t in out[0, len(ids):].tolist() if t not in loaded.stop_ids]
+    assert _solo(loaded, [PROMPTS[3]]) == [loaded.tokenizer.decode(new, skip_special_tokens=True)]
+
+
+def test_a_request_joining_mid_generation_gets_its_solo_answer(tiny_loaded):
+    loaded = tiny_loaded("internlm2")
+    long_params = SamplingParams(max_new_tokens=60, temperature=0)
+    engine = Engine(loaded, max_batch=4).start()
+    try:
+        first = engine.submit(_msgs(PROMPTS[5]), long_params)
+        events = iter(first)
+        next(events)  # the first request is generating
+        second = engine.submit(_msgs(PROMPTS[1]), GREEDY)
+        joined = second.result().text
+        rest = "".join(e.text for e in events)
+        assert engine.stats["peak_batch"] == 2
+    finally:
+        engine.stop()
+    assert joined == _solo(loaded, [PROMPTS[1]])[0]
+    assert first.finish_reason in ("stop", "length")
+    assert _solo(loaded, [PROMPTS[5]], long_params)[0].endswith(rest)
+
+
+def test_sampling_with_a_seed_does_not_depend_on_the_batch(tiny_loaded):
+    loaded = tiny_loaded("xverse")
+    params = SamplingParams(max_new_tokens=12, temperature=0.8, top_p=0.9, top_k=40, seed=7,
+                            repetition_penalty=1.1)
+    engine = Engine(loaded, max_batch=8).start()
+    try:
+        together = _together(engine, PROMPTS, params)
+    finally:
+        engine.stop()
+    assert together == _solo(loaded, PROMPTS, params)
+
+
+def test_cancel_frees_the_slot_for_a_waiting_request(tiny_loaded):
+    loaded = tiny_loaded("minicpm")
+    engine = Engine(loaded, max_batch=1).start()
+    try:
+        long = engine.submit(_msgs("a"), SamplingParams(max_new_tokens=3000, temperature=0))
+        waiting = engine.submit(_msgs("b"), GREEDY)
+        next(iter(long))
+        assert engine.running == 1 and engine.waiting == 1
+        long.cancel()
+        result = waiting.result()  # got the slot
+        assert result.finish_reason in ("stop", "length")
+        assert long.finish_reason == "cancelled" and long.completion_tokens < 3000
+        assert engine.running == 0
+    finally:
+        engine.stop()
+
+
+def test_kv_budget_queues_what_does_not_fit_and_refuses_what_never_fits(tiny_loaded):
+    from helpers.formats import ChatFormatError
+
+    loaded = tiny_loaded("qwen")
+    engine = Engine(loaded, max_batch=8, kv_budget_tokens=120).start()
+    try:
+        params = SamplingParams(max_new_tokens=40, temperature=0)  # ~30 prompt + 40 new: one fits, two do not
+        results = _together(engine, PROMPTS[:3], params)
+        assert engine.stats["peak_batch"] == 1
+        assert results == _solo(loaded, PROMPTS[:3], params)
+        with pytest.raises(ChatFormatError, match="KV cache"):
+            engine.submit(_msgs("x"), SamplingParams(max_new_tokens=200))
+    finally:
+        engine.stop()
+
+
+def test_full_queue_answers_429_with_retry_after(tiny_loaded):
+    loaded = tiny_loaded("bluelm")
+    engine = Engine(loaded, max_batch=1, max_queue=1).start()
+    server = start_server(engine, host="127.0.0.1", port=free_port())
+    try:
+        long = engine.submit(_msgs("a"), SamplingParams(max_new_tokens=1500, temperature=0))
+        next(iter(long))
+        engine.submit(_msgs("b"), SamplingParams(max_new_tokens=1500, temperature=0))  # fills the queue
+        r = requests.post(server.url + "/v1/chat/completions", json={
+            "model": "bluelm-7b-chat", "messages": _msgs("c"), "max_tokens": 4})
+        assert r.status_code == 429
+        assert int(r.headers["Retry-After"]) >= 1
+        assert r.json()["error"]["code"] == "queue_full"
+        seed = requests.post(server.url, json={"prompt": "c"})
+        assert seed.status_code == 429 and seed.json()["status"] == 429
+        t0 = time.perf_counter()
+        assert requests.get(server.url + "/health", timeout=5).status_code == 200
+        assert time.perf_counter() - t0 < 2
+    finally:
+        server.stop()
+        engine.stop()
+
+
+# --------------------------------------------------------------------------- other cache layouts
+
+
+class _Wrapped(torch.nn.Module):
+    """A stand-in whose cache looks like another family's: legacy tuples with the sequence on
+    dim 1 (Qwen v1, BlueLM) and/or positions taken from the cache length (Qwen v1 ignores
+    position_ids)."""
+
+    def __init__(self, inner, *, seq_dim1=False, ignore_positions=False):
+        super().__init__()
+        self.inner, self.seq_dim1, self.ignore_positions = inner, seq_dim1, ignore_positions
+        self.config = inner.config
+
+    @property
+    def device(self):
+        return self.inner.device
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None, **kwargs):
+        from transformers import DynamicCache
+
+        past = None
+        if past_key_values is not None:
+            layers = [(k, v) for k, v in past_key_values]
+            if self.seq_dim1:
+                layers = [(k.transpose(1, 2), v.transpose(1, 2)) for k, v in layers]
+            past = DynamicCache.from_legacy_cache(tuple(layers))
+        if self.ignore_positions:
+            start = past.get_seq_length() if past is not None else 0
+            position_ids = torch.arange(start, start + input_ids.shape[1]).unsqueeze(0).expand(input_ids.shape[0], -1)
+        out = self.inner(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         past_key_values=past, use_cache=True, return_dict=True)
+        layers = out.past_key_values.to_legacy_cache()
+        if self.seq_dim1:
+            layers = tuple((k.transpose(1, 2), v.transpose(1, 2)) for k, v in layers)
+        out.past_key_values = tuple(layers)
+        return out
+
+
+def _wrapped(loaded, **kwargs):
+    from dataclasses import replace
+
+    return replace(loaded, model=_Wrapped(loaded.model, **kwargs))
+
+
+@pytest.mark.parametrize("family", ["qwen", "bluelm"])
+def test_legacy_tuple_cache_with_sequence_on_dim_1(tiny_loaded, family):
+    loaded = _wrapped(tiny_loaded(family), seq_dim1=True)
+    engine = Engine(loaded, max_batch=8).start()
+    try:
+        assert engine.max_batch == 8, engine.batching_note
+        together = _together(engine, PROMPTS)
+        assert engine._seq_dim == 1
+    finally:
+        engine.stop()
+    assert together == _solo(tiny_loaded(family), PROMPTS)
+
+
+def test_model_that_ignores_position_ids_is_served_one_at_a_time(tiny_loaded):
+    loaded = _wrapped(tiny_loaded("qwen"), seq_dim1=True, ignore_positions=True)
+    engine = Engine(loaded, max_batch=8).start()
+    try:
+        assert engine.max_batch == 1
+        assert "differ" in engine.batching_note
+        together = _together(engine, PROMPTS[:3])
+    finally:
+        engine.stop()
+    assert together == _solo(tiny_loaded("qwen"), PROMPTS[:3])
+
+
+def test_kv_bytes_per_token_for_a_7b_model():
+    from types import SimpleNamespace
+
+    from helpers.kvcache import kv_bytes_per_token
+
+    qwen7b = SimpleNamespace(num_hidden_layers=32, num_attention_heads=32, hidden_size=4096)
+    assert kv_bytes_per_token(qwen7b, torch.float16) == 512 * 1024  # 0.5 MB per token
+    gqa = SimpleNamespace(num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, hidden_size=4096)
+    assert kv_bytes_per_token(gqa, torch.bfloat16) == 128 * 1024
