@@ -44,28 +44,51 @@ def _load(args):
 
 
 def cmd_serve(args) -> int:
+    """Open the port at once (503 + Retry-After while loading), load, then serve."""
+    import threading
+
     import uvicorn
 
     from .background import port_is_free
     from .engine import Engine
-    from .server import create_app
+    from .server import LoadingApp, create_app
 
     if not port_is_free(args.port, args.host):
         print(f"error: port {args.port} is already in use (another server? `lsof -i :{args.port}`)", file=sys.stderr)
         return 1
-    loaded = _load(args)
-    engine = Engine(loaded, max_queue=args.max_queue).start()
-    app = create_app(engine)
-    print(f"Serving {loaded.name} on http://{args.host}:{args.port}  (Ctrl-C to stop)", flush=True)
+    path = resolve_model(args.model, args.cache_dir)  # a download error is reported before serving
+    gate = LoadingApp(args.model)
+    engines = []
+    failed = []
+    server = uvicorn.Server(uvicorn.Config(gate, host=args.host, port=args.port, log_level=args.log_level,
+                                           timeout_graceful_shutdown=5))
+
+    def load():
+        from .loading import load_model
+
+        try:
+            loaded = load_model(path, device=args.device, dtype=args.dtype, family=args.family)
+            engine = Engine(loaded, max_queue=args.max_queue, max_batch=args.max_batch,
+                            kv_budget_tokens=args.kv_budget).start()
+            engines.append(engine)
+            gate.ready(create_app(engine))
+            print(f"Serving {loaded.name} on http://{args.host}:{args.port}  (Ctrl-C to stop)", flush=True)
+        except Exception as exc:
+            gate.failed(f"{type(exc).__name__}: {exc}")
+            failed.append(exc)
+            print(f"error: loading failed: {exc}", file=sys.stderr, flush=True)
+            server.should_exit = True
+
+    threading.Thread(target=load, name="loader", daemon=True).start()
     try:
-        uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
-                                      timeout_graceful_shutdown=5)).run()
+        server.run()
     except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it shut down on
         pass
     finally:
-        engine.stop()
+        for engine in engines:
+            engine.stop()
     print("Server stopped.", flush=True)
-    return 0
+    return 1 if failed else 0
 
 
 def cmd_tiny(args) -> int:
@@ -125,6 +148,9 @@ def main(argv=None) -> int:
         p.add_argument("--dtype", default="auto", help="auto (bf16 on compute capability >= 8.0, else fp16), bf16, fp16, fp32")
         p.add_argument("--family", default=None, help="chat format, if it cannot be told from the folder")
         p.add_argument("--max-queue", type=int, default=64, help="requests that may wait before 429")
+        p.add_argument("--max-batch", type=int, default=16, help="requests generated together (1 = one at a time)")
+        p.add_argument("--kv-budget", type=int, default=None,
+                       help="KV-cache tokens the batch may hold (default: from free GPU memory; no limit on CPU)")
 
     p = sub.add_parser("serve", help="serve a model on HTTP (seed API + OpenAI API)")
     p.add_argument("--model", required=True, help="registry name, ModelScope id, local folder or tiny:FAMILY")

@@ -123,7 +123,7 @@ class BackgroundServer:
 
 
 def start_server(model, host: str = "0.0.0.0", port: int = 6006, *, timeout: float = 30.0,
-                 max_queue: int = 64, log_level: str = "warning") -> BackgroundServer:
+                 max_queue: int = 64, max_batch: int = 16, log_level: str = "warning") -> BackgroundServer:
     """Serve a loaded model (``helpers.load_model(...)``), a running ``Engine``, or a ready FastAPI
     app in the background.
 
@@ -135,7 +135,7 @@ def start_server(model, host: str = "0.0.0.0", port: int = 6006, *, timeout: flo
     owned = None
     app = model
     if hasattr(model, "chat_format"):  # a LoadedModel: the server gets its own engine
-        owned = Engine(model, max_queue=max_queue).start()
+        owned = Engine(model, max_queue=max_queue, max_batch=max_batch).start()
         app = create_app(owned)
     elif isinstance(model, Engine):
         app = create_app(model.start())

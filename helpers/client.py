@@ -62,14 +62,19 @@ def stream_chat(messages: str | Sequence[dict], *, url: str = DEFAULT_URL, model
 
 
 def wait_until_ready(url: str = DEFAULT_URL, timeout: float = 60) -> dict:
-    """Poll ``GET /health`` until the server answers (e.g. after ``python api.py`` in a terminal)."""
+    """Poll ``GET /health`` until the server answers with its model loaded (e.g. after
+    ``python api.py`` in a terminal); raises if the model failed to load."""
     deadline = time.monotonic() + timeout
     last = None
     while time.monotonic() < deadline:
         try:
             r = requests.get(url.rstrip("/") + "/health", timeout=2)
-            if r.status_code == 200:
-                return r.json()
+            body = r.json() if r.status_code == 200 else {}
+            if body.get("status") == "failed":
+                raise RuntimeError(f"the server could not load its model: {body.get('error')}")
+            if body.get("status") not in (None, "loading"):
+                return body
+            last = body.get("status") or r.status_code
         except requests.RequestException as exc:
             last = exc
         time.sleep(0.2)

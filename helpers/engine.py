@@ -60,6 +60,7 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
     timeout: float | None = None  # seconds from submission; the request ends with finish_reason "timeout"
+    ignore_eos: bool = False      # go on past the stop ids (benchmarks: always max_new_tokens tokens)
 
     @property
     def greedy(self) -> bool:
@@ -199,6 +200,7 @@ class _Detokenizer:
 
     def __init__(self, tokenizer, stop_strings: Sequence[str]):
         self.tokenizer = tokenizer
+        self._decode = _fast_decoder(tokenizer)
         self.stop_strings = [s for s in stop_strings if s]
         self.ids: list[int] = []
         self.prefix = 0      # ids[prefix:read] decode to text already accounted for
@@ -206,9 +208,6 @@ class _Detokenizer:
         self.text = ""       # decoded so far (complete characters)
         self.emitted = 0     # characters of self.text already sent
         self.stopped = False
-
-    def _decode(self, ids) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     def add(self, token_ids: Sequence[int]) -> str:
         self.ids.extend(int(t) for t in token_ids)
@@ -250,6 +249,20 @@ class _Detokenizer:
         delta = self.text[self.emitted:upto]
         self.emitted = upto
         return delta
+
+
+def _fast_decoder(tokenizer):
+    """``tokenizer.decode(ids, skip_special_tokens=True)``, calling a fast tokenizer's Rust
+    decoder directly: the Python wrapper costs more than the decoding for a few ids, and the
+    engine decodes every running request at every step."""
+    from transformers import PreTrainedTokenizerFast
+
+    if isinstance(tokenizer, PreTrainedTokenizerFast):
+        backend = tokenizer._tokenizer
+        if tokenizer.clean_up_tokenization_spaces:
+            return lambda ids: tokenizer.clean_up_tokenization(backend.decode(ids, skip_special_tokens=True))
+        return lambda ids: backend.decode(ids, skip_special_tokens=True)
+    return lambda ids: tokenizer.decode(ids, skip_special_tokens=True)
 
 
 class _Sequence:
@@ -582,7 +595,7 @@ class Engine:
                 seq.seen = torch.cat([seq.seen, seq.seen.new_tensor([token])])
             handle.completion_tokens = len(seq.generated)
             reason = None
-            if token in stop_ids:
+            if token in stop_ids and not seq.params.ignore_eos:
                 reason = "stop"
             else:
                 delta = seq.detok.add([token])
@@ -697,8 +710,9 @@ def _check_batching(engine: Engine) -> str:
     except Exception as exc:  # noqa: BLE001 - any failure means: do not batch
         return f"{type(exc).__name__}: {exc}"
     for got, want in ((both[0], a2[0]), (both[1], b1[0])):
-        scale = float(want.float().std()) or 1.0
-        diff = float((got.float() - want.float()).abs().max()) / scale
+        got, want = got.detach().float(), want.detach().float()
+        scale = float(want.std()) or 1.0
+        diff = float((got - want).abs().max()) / scale
         if diff > 0.05:
             return f"batched logits differ from single-request logits (relative difference {diff:.3f})"
     return ""

@@ -78,6 +78,7 @@ class ChatCompletionRequest(BaseModel):
     # not OpenAI's, but understood by vLLM and others (openai client: extra_body={...})
     top_k: Optional[int] = Field(None, ge=0)
     repetition_penalty: Optional[float] = Field(None, gt=0, le=2)
+    ignore_eos: bool = Field(False, description="generate max_tokens tokens even past a stop token (benchmarks)")
     presence_penalty: Optional[float] = Field(None, ge=-2, le=2)
     frequency_penalty: Optional[float] = Field(None, ge=-2, le=2)
     user: Optional[str] = None
@@ -205,7 +206,8 @@ def create_app(engine: Engine, *, title: str | None = None) -> FastAPI:
     def params_from(body, max_new_tokens, stop=None) -> SamplingParams:
         return engine.params(max_new_tokens=max_new_tokens, temperature=body.temperature, top_p=body.top_p,
                              top_k=getattr(body, "top_k", None), repetition_penalty=body.repetition_penalty,
-                             stop=stop or None, seed=getattr(body, "seed", None))
+                             stop=stop or None, seed=getattr(body, "seed", None),
+                             ignore_eos=getattr(body, "ignore_eos", None) or None)
 
     def submit(messages, params):
         try:
@@ -269,6 +271,26 @@ def create_app(engine: Engine, *, title: str | None = None) -> FastAPI:
     return app
 
 
+async def _coalesced(handle):
+    """The handle's events, with text that piled up while the client was being written to merged
+    into one event (fewer, larger chunks when the server is busy; one token each when it is not)."""
+    from .engine import Event
+
+    queue = handle._async_events
+    async for event in handle:
+        text, finish, error = event.text, event.finish_reason, event.error
+        while finish is None and not queue.empty():
+            more = queue.get_nowait()
+            text += more.text
+            finish, error = more.finish_reason, more.error
+        if finish is not None and text:
+            yield Event(text=text)
+            text = ""
+        yield Event(text=text, finish_reason=finish, error=error)
+        if finish is not None:
+            return
+
+
 def _openai_finish(reason: str | None) -> str:
     return "length" if reason in ("length", "timeout") else "stop"
 
@@ -285,7 +307,7 @@ async def _sse(handle, completion_id: str, created: int, model: str, include_usa
 
     try:
         yield chunk({"role": "assistant", "content": ""})
-        async for event in handle:
+        async for event in _coalesced(handle):
             if event.text:
                 yield chunk({"content": event.text})
             if event.finish_reason is None:
@@ -302,3 +324,46 @@ async def _sse(handle, completion_id: str, created: int, model: str, include_usa
         yield "data: [DONE]\n\n"
     finally:
         handle.cancel()  # the client disconnected (or we are done): stop generating
+
+
+class LoadingApp:
+    """An ASGI app that answers while the model is still loading: ``GET /health`` says so, every
+    other route answers 503 with ``Retry-After``; once ``ready(app)`` is called, everything goes to
+    the real app. Lets ``python -m helpers serve`` open its port at once."""
+
+    def __init__(self, name: str, retry_after: int = 10):
+        self.name, self.retry_after = name, retry_after
+        self.app = None
+        self.error: str | None = None
+
+    def ready(self, app) -> None:
+        self.app = app
+
+    def failed(self, message: str) -> None:
+        self.error = message
+
+    async def __call__(self, scope, receive, send):
+        if self.app is not None:
+            return await self.app(scope, receive, send)
+        if scope["type"] == "lifespan":
+            while True:
+                message = await receive()
+                if message["type"] == "lifespan.startup":
+                    await send({"type": "lifespan.startup.complete"})
+                elif message["type"] == "lifespan.shutdown":
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+        if scope["type"] != "http":
+            return
+        state = "failed" if self.error else "loading"
+        if scope["path"] == "/health":
+            status, body, headers = 200, {"status": state, "model": self.name, "error": self.error}, {}
+        else:
+            message = (f"the model failed to load: {self.error}" if self.error else
+                       f"the model {self.name} is still loading: try again in a few seconds")
+            status, headers = 503, {"Retry-After": str(self.retry_after)}
+            if scope["path"].startswith("/v1"):
+                body = _envelope(message, "service_unavailable", code="model_loading")
+            else:
+                body = {"response": "", "history": [], "status": 503, "time": _now(), "error": message}
+        await JSONResponse(body, status_code=status, headers=headers)(scope, receive, send)

@@ -620,13 +620,24 @@ _DTYPE_LABEL = {"qwen": "bfloat16", "internlm2": "bfloat16", "xverse": "bfloat16
                 "minicpm": "float32"}
 
 
-def _build_model(family: str, out: pathlib.Path, tok: dict[str, Any], seed: int) -> None:
+# Model shapes. "tiny" is what tests and notebooks use; "bench" is a benchmark-only stand-in whose
+# decode step costs several milliseconds on one CPU thread (closer to a 7B model on a GPU, where
+# server overhead matters less).
+SIZES = {
+    "tiny": {"hidden": _HIDDEN, "layers": _LAYERS, "heads": _HEADS, "intermediate": _INTERMEDIATE},
+    "bench": {"hidden": 512, "layers": 8, "heads": 8, "intermediate": 1536},
+}
+
+
+def _build_model(family: str, out: pathlib.Path, tok: dict[str, Any], seed: int, size: str = "tiny") -> None:
     import torch
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
+    shape = SIZES[size]
+    kv_heads = _KV_HEADS[family] * shape["heads"] // _HEADS
     common = dict(
-        vocab_size=tok["vocab_size"], hidden_size=_HIDDEN, intermediate_size=_INTERMEDIATE,
-        num_hidden_layers=_LAYERS, num_attention_heads=_HEADS, num_key_value_heads=_KV_HEADS[family],
+        vocab_size=tok["vocab_size"], hidden_size=shape["hidden"], intermediate_size=shape["intermediate"],
+        num_hidden_layers=shape["layers"], num_attention_heads=shape["heads"], num_key_value_heads=kv_heads,
         max_position_embeddings=_MAX_POSITIONS, initializer_range=_INIT_RANGE, rms_norm_eps=1e-6,
         tie_word_embeddings=False, bos_token_id=tok["bos"], eos_token_id=tok["eos"], pad_token_id=tok["pad"],
     )
@@ -682,7 +693,8 @@ def is_tiny(path: str | os.PathLike) -> bool:
     return read_marker(path) is not None
 
 
-def build_tiny(family: str, out_dir: str | os.PathLike, *, seed: int = 0, overwrite: bool = False) -> pathlib.Path:
+def build_tiny(family: str, out_dir: str | os.PathLike, *, seed: int = 0, overwrite: bool = False,
+               size: str = "tiny") -> pathlib.Path:
     """Build the tiny random-weight stand-in of ``family`` into ``out_dir`` and return its path.
 
     Deterministic: the same family and seed give the same files. If ``out_dir`` already holds a
@@ -697,10 +709,13 @@ def build_tiny(family: str, out_dir: str | os.PathLike, *, seed: int = 0, overwr
     """
     if family not in FAMILIES:
         raise ValueError(f"unknown family {family!r}; families: {', '.join(FAMILIES)}")
+    if size not in SIZES:
+        raise ValueError(f"unknown size {size!r}; sizes: {', '.join(SIZES)}")
     out = pathlib.Path(out_dir).expanduser().resolve()
     marker = read_marker(out)
     if (not overwrite and marker is not None and marker.get("family") == family
-            and marker.get("builder_version") == BUILDER_VERSION and marker.get("seed") == seed):
+            and marker.get("builder_version") == BUILDER_VERSION and marker.get("seed") == seed
+            and marker.get("size", "tiny") == size):
         return out
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"{out} exists and is not a folder")
@@ -715,11 +730,12 @@ def build_tiny(family: str, out_dir: str | os.PathLike, *, seed: int = 0, overwr
     tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}-building-", dir=out.parent))
     try:
         tok = _TOKENIZERS[family](tmp, seed)
-        _build_model(family, tmp, tok, seed)
+        _build_model(family, tmp, tok, seed, size)
         _write_json(tmp / MARKER_FILE, {
             "family": family,
             "builder_version": BUILDER_VERSION,
             "seed": seed,
+            "size": size,
             "note": "random weights, for tests only",
             "special_token_ids": tok["ids"],
         })

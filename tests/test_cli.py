@@ -102,3 +102,44 @@ def test_unknown_model_name_says_what_exists():
                          env=dict(os.environ, HF_HUB_OFFLINE="1"))
     assert out.returncode == 1
     assert "qwen-7b-chat" in out.stderr
+
+
+def test_loading_gate_answers_503_until_ready():
+    import asyncio
+
+    import httpx
+    from fastapi import FastAPI
+
+    from helpers.server import LoadingApp
+
+    gate = LoadingApp("qwen-7b-chat")
+    real = FastAPI()
+
+    @real.get("/health")
+    def health():
+        return {"status": "ok"}
+
+    async def calls():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=gate), base_url="http://x") as c:
+            loading = await c.get("/health")
+            v1 = await c.post("/v1/chat/completions", json={})
+            seed = await c.post("/", json={"prompt": "hi"})
+            gate.ready(real)
+            ready = await c.get("/health")
+            return loading, v1, seed, ready
+
+    loading, v1, seed, ready = asyncio.run(calls())
+    assert loading.json()["status"] == "loading"
+    assert v1.status_code == 503 and int(v1.headers["Retry-After"]) > 0
+    assert v1.json()["error"]["code"] == "model_loading"
+    assert seed.status_code == 503 and seed.json()["status"] == 503
+    assert ready.json() == {"status": "ok"}
+
+
+def test_serve_exits_with_the_reason_when_loading_fails(tmp_path):
+    (tmp_path / "config.json").write_text('{"model_type": "llama"}')
+    out = subprocess.run([sys.executable, "-m", "helpers", "serve", "--model", str(tmp_path), "--family", "qwen",
+                          "--host", "127.0.0.1", "--port", str(free_port())],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1
+    assert "loading failed" in out.stderr
