@@ -501,11 +501,11 @@ class Engine:
                 if not self._fits(head, admitted):
                     break
                 admitted.append(self._waiting.popleft())
-        for handle in admitted:
-            if self._stopping.is_set():
-                _deliver([(handle, Event(finish_reason="error", error="the server is shutting down"))])
-                continue
-            self._prefill(handle)
+        if self._stopping.is_set():
+            _deliver([(h, Event(finish_reason="error", error="the server is shutting down")) for h in admitted])
+            return
+        for group in self._prefill_groups(admitted):
+            self._prefill(group)
 
     def _fits(self, handle: RequestHandle, admitted: list) -> bool:
         if self.kv_budget_tokens is None or not (self._batch or admitted):
@@ -527,33 +527,55 @@ class Engine:
         )
         return out.logits[:, -1, :], out.past_key_values
 
-    def _prefill(self, handle: RequestHandle) -> None:
+    #: padded prompt tokens one prefill forward may take (bounds the full-vocabulary logits
+    #: the model computes for every prompt position)
+    prefill_tokens = 2048
+
+    def _prefill_groups(self, handles: list[RequestHandle]) -> list[list[RequestHandle]]:
+        groups: list[list[RequestHandle]] = []
+        for handle in handles:
+            group = groups[-1] if groups else None
+            if group and (len(group) + 1) * max(handle.prompt_tokens, *(h.prompt_tokens for h in group)) \
+                    <= self.prefill_tokens:
+                group.append(handle)
+            else:
+                groups.append([handle])
+        return groups
+
+    def _prefill(self, handles: list[RequestHandle]) -> None:
+        """Run the prompts of newly admitted requests (together, left-padded) and add them to the
+        running batch with their first token."""
         import torch
 
         from .kvcache import FAMILY_SEQ_DIM, BatchCache, detect_seq_dim
 
-        seq = _Sequence(handle, self)
-        handle.started = time.time()
+        seqs = [_Sequence(h, self) for h in handles]
+        now = time.time()
+        for h in handles:
+            h.started = now
+        width = max(len(s.prompt) for s in seqs)
         try:
-            ids = torch.tensor([seq.prompt], dtype=torch.long, device=self.device)
-            positions = torch.arange(len(seq.prompt), device=self.device).unsqueeze(0)
-            logits, past = self._forward(ids, None, positions, None)
+            ids = torch.tensor([[self.loaded.pad_id or 0] * (width - len(s.prompt)) + s.prompt for s in seqs],
+                               dtype=torch.long, device=self.device)
+            mask = torch.tensor([[0] * (width - len(s.prompt)) + [1] * len(s.prompt) for s in seqs],
+                                dtype=torch.long, device=self.device)
+            positions = (mask.cumsum(1) - 1).clamp(min=0)
+            logits, past = self._forward(ids, mask, positions, None)
             if self._seq_dim is None:
-                self._seq_dim = detect_seq_dim(past, len(seq.prompt), FAMILY_SEQ_DIM.get(self.loaded.family, 2))
-            mask = torch.ones((1, len(seq.prompt)), dtype=torch.long, device=self.device)
+                self._seq_dim = detect_seq_dim(past, width, FAMILY_SEQ_DIM.get(self.loaded.family, 2))
             cache = BatchCache.from_model(past, mask, self._seq_dim)
-            token = _sample(logits, [seq], self.device)[0]
-        except Exception as exc:  # this request fails alone
-            self._fail([seq], exc)
+            tokens = _sample(logits, seqs, self.device)
+        except Exception as exc:  # these requests fail; the running batch goes on
+            self._fail(seqs, exc)
             return
         if self._cache is None or not self._batch:
             self._cache = cache
         else:
             self._cache.merge(cache)
-        self._batch.append(seq)
+        self._batch.extend(seqs)
         self.stats["peak_batch"] = max(self.stats["peak_batch"], len(self._batch))
         events: list = []
-        self._retire(self._advance([seq], [token], events))
+        self._retire(self._advance(seqs, tokens, events))
         _deliver(events)
 
     def _step(self) -> None:
@@ -707,9 +729,14 @@ def _check_batching(engine: Engine) -> str:
         _, cy = prefill(long)
         cx.merge(cy)
         both = step(cx, [ta2, tb], [len(short) + 1, len(long)])
+        # both prompts in one left-padded prefill
+        width = len(long)
+        ids = torch.tensor([[engine.loaded.pad_id or 0] * (width - len(short)) + short, long], device=device)
+        mask = torch.tensor([[0] * (width - len(short)) + [1] * len(short), [1] * width], device=device)
+        padded, _ = engine._forward(ids, mask, (mask.cumsum(1) - 1).clamp(min=0), None)
     except Exception as exc:  # noqa: BLE001 - any failure means: do not batch
         return f"{type(exc).__name__}: {exc}"
-    for got, want in ((both[0], a2[0]), (both[1], b1[0])):
+    for got, want in ((both[0], a2[0]), (both[1], b1[0]), (padded[0], a0[0]), (padded[1], b0[0])):
         got, want = got.detach().float(), want.detach().float()
         scale = float(want.std()) or 1.0
         diff = float((got - want).abs().max()) / scale
