@@ -75,7 +75,20 @@ def _stop_strings(value):
     return value
 
 
+def _integral(value):
+    """JSON has one number type: 16.0 is the integer 16 (JSON Schema agrees); 16.5 is not."""
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2**63:
+        return int(value)
+    return value
+
+
+def Int(**constraints):
+    """An integer field (constraints inside, so that they show in the JSON schema)."""
+    return Annotated[int, Field(**constraints), BeforeValidator(_integral)]
+
+
 NonBlank = Annotated[str, Field(pattern=r"\S")]
+StopString = Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]
 HistoryTurn = Annotated[list[str], Field(min_length=2, max_length=2)]
 
 
@@ -85,7 +98,7 @@ class SeedRequest(BaseModel):
     model_config = REQUEST
     prompt: NonBlank = Field(..., description="the new question")
     history: Optional[list[HistoryTurn]] = Field(None, description="earlier [question, answer] pairs")
-    max_length: Optional[int] = Field(None, ge=1, description="new tokens to generate at most")
+    max_length: Optional[Int(ge=1)] = Field(None, description="new tokens to generate at most")
     top_p: Optional[float] = Field(None, gt=0, le=1)
     temperature: Optional[float] = Field(None, ge=0, le=2, description="0 means greedy decoding")
     repetition_penalty: Optional[float] = Field(None, ge=0.1, le=2)
@@ -146,20 +159,22 @@ class ChatCompletionRequest(BaseModel):
     messages: list[ChatMessage] = Field(..., min_length=1)
     temperature: Optional[float] = Field(None, ge=0, le=2)
     top_p: Optional[float] = Field(None, gt=0, le=1)
-    max_tokens: Optional[int] = Field(None, ge=1)
-    max_completion_tokens: Optional[int] = Field(None, ge=1)
+    max_tokens: Optional[Int(ge=1)] = None
+    max_completion_tokens: Optional[Int(ge=1)] = None
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
-    stop: Annotated[Optional[Union[str, list[str]]], BeforeValidator(_stop_strings)] = None
-    n: int = Field(1, ge=1, le=1, description="only one choice per request")
-    seed: Optional[int] = Field(None, ge=-(2**63), lt=2**63)
+    stop: Annotated[Optional[Union[StopString, Annotated[list[StopString], Field(max_length=MAX_STOP)]]],
+                    BeforeValidator(_stop_strings)] = None
+    n: Int(ge=1, le=1) = Field(1, description="only one choice per request")
+    seed: Optional[Int(ge=0, le=2**53)] = None  # 2**53: the largest integer every JSON parser keeps exact
     # not OpenAI's, but understood by vLLM and others (openai client: extra_body={...})
-    top_k: Optional[int] = Field(None, ge=0, lt=2**31)
+    top_k: Optional[Int(ge=0, lt=2**31)] = None
     repetition_penalty: Optional[float] = Field(None, ge=0.1, le=2)
     presence_penalty: Optional[float] = Field(None, ge=-2, le=2, description="accepted, not applied")
     frequency_penalty: Optional[float] = Field(None, ge=-2, le=2, description="accepted, not applied")
-    logprobs: Optional[bool] = Field(None, description="not supported: must be false or absent")
-    tools: Optional[list[dict[str, Any]]] = Field(None, description="not supported: must be empty or absent")
+    logprobs: Optional[Literal[False]] = Field(None, description="not supported: false or absent")
+    tools: Optional[Annotated[list[dict[str, Any]], Field(max_length=0)]] = Field(
+        None, description="function calling is not supported: empty or absent")
     user: Optional[str] = None
 
 
@@ -177,7 +192,7 @@ class ResponseMessage(BaseModel):
 class Choice(BaseModel):
     index: int = 0
     message: ResponseMessage
-    finish_reason: Optional[str]
+    finish_reason: Literal["stop", "length"]
     logprobs: None = None
 
 
@@ -188,6 +203,29 @@ class ChatCompletion(BaseModel):
     model: str
     choices: list[Choice]
     usage: Usage
+
+
+class ChunkDelta(BaseModel):
+    role: Optional[Literal["assistant"]] = None
+    content: Optional[str] = None
+
+
+class ChunkChoice(BaseModel):
+    index: int
+    delta: ChunkDelta
+    finish_reason: Optional[Literal["stop", "length"]]
+    logprobs: None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    """One ``data:`` event of a stream (documentation: the stream is written by ``_sse``)."""
+
+    id: str
+    object: Literal["chat.completion.chunk"]
+    created: int
+    model: str
+    choices: list[ChunkChoice]
+    usage: Optional[Usage] = None
 
 
 class ModelCard(BaseModel):
@@ -276,6 +314,18 @@ def _engine_error(exc: Exception) -> APIError:
     return APIError(500, f"{type(exc).__name__}: {exc}", "server_error")
 
 
+# One server-sent event of a stream (OpenAPI 3.1: the schema of a text/event-stream describes an event)
+SSE_EVENT = {
+    "type": "object",
+    "required": ["data"],
+    "properties": {"data": {"anyOf": [
+        {"const": "[DONE]"},
+        {"type": "string", "contentMediaType": "application/json",
+         "contentSchema": {"anyOf": [{"$ref": "#/components/schemas/ChatCompletionChunk"},
+                                     {"$ref": "#/components/schemas/ErrorResponse"}]}},
+    ]}},
+}
+
 _TYPE_TAG = re.compile(r"^[\w-]+\[.*\]$|^(str|int|float|bool|list|dict|none)$")
 _HINTS = {
     "prompt": "the question, a non-empty string",
@@ -290,7 +340,9 @@ _HINTS = {
     "repetition_penalty": "a number from 0.1 to 2; 1 means no penalty",
     "stream": "true or false",
     "n": "only 1 is supported",
-    "seed": "a whole number",
+    "seed": "a whole number from 0",
+    "logprobs": "not supported by this server: leave it out",
+    "tools": "function calling is not supported by this server: leave them out",
 }
 _EXAMPLE = {"/": '{"prompt": "你好", "history": []}',
             "/v1/chat/completions": '{"model": "<GET /v1/models>", "messages": [{"role": "user", "content": "你好"}]}'}
@@ -507,9 +559,10 @@ def create_app(engine: Engine, *, title: str | None = None, api_keys=None, max_t
         history = messages_to_history(messages) + [[body.prompt, response]]
         return SeedResponse(response=response, history=history, status=200, time=_now())
 
-    stream_doc = {200: {"description": "A chat completion, or with `stream: true` server-sent events "
-                                       "ending with `data: [DONE]`",
-                        "content": {"text/event-stream": {"schema": {"type": "string"}}}}}
+    stream_doc = {200: {"description": "A chat completion, or with `stream: true` server-sent events: "
+                                       "chunks, then `data: [DONE]` (an error envelope before it if "
+                                       "generation failed)",
+                        "content": {"text/event-stream": {"schema": SSE_EVENT}}}}
 
     @app.post("/v1/chat/completions", response_model=ChatCompletion, dependencies=auth,
               responses={**stream_doc, **error_responses(400, 401, 404, 413, 415, 429, 500, 503)})
@@ -518,11 +571,6 @@ def create_app(engine: Engine, *, title: str | None = None, api_keys=None, max_t
         if body.model.lower() not in aliases:
             raise APIError(404, f"the model {body.model[:100]!r} does not exist here: this server serves "
                                 f"{model_name!r} (see GET /v1/models)", param="model", code="model_not_found")
-        if body.logprobs:
-            raise APIError(400, "logprobs are not supported by this server: leave them out", param="logprobs")
-        if body.tools:
-            raise APIError(400, "tools (function calling) are not supported by this server: leave them out",
-                           param="tools")
         messages = []
         for i, m in enumerate(body.messages):
             text = m.text()
@@ -549,6 +597,28 @@ def create_app(engine: Engine, *, title: str | None = None, api_keys=None, max_t
                                  media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
+    def openapi() -> dict:
+        """FastAPI's schema, with this server's limit on the answer length written in."""
+        if app.openapi_schema is None:
+            from fastapi.openapi.utils import get_openapi
+
+            schema = get_openapi(title=app.title, version=app.version, description=app.description,
+                                 routes=app.routes)
+            models = schema.setdefault("components", {}).setdefault("schemas", {})
+            chunk = ChatCompletionChunk.model_json_schema(ref_template="#/components/schemas/{model}")
+            models.update(chunk.pop("$defs", {}))
+            models["ChatCompletionChunk"] = chunk
+            for model, fields in (("SeedRequest", ("max_length",)),
+                                  ("ChatCompletionRequest", ("max_tokens", "max_completion_tokens"))):
+                for name in fields:
+                    prop = models.get(model, {}).get("properties", {}).get(name, {})
+                    for option in prop.get("anyOf", [prop]):
+                        if option.get("type") == "integer":
+                            option["maximum"] = token_cap
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi
     return app
 
 
