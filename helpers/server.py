@@ -502,14 +502,15 @@ def create_app(engine: Engine, *, title: str | None = None, api_keys=None, max_t
                    if limits.max_prompt_tokens is not None and exc.allowed == limits.max_prompt_tokens else
                    f"{model_name}'s {context}-token context leaves {exc.allowed} for the prompt after "
                    f"{params.max_new_tokens} new tokens")
-            field = "max_length" if seed else "max_tokens"
-            raise APIError(status, f"the prompt is {exc.tokens} tokens even after dropping the oldest turns, "
-                                   f"but {why}: shorten the last message or lower {field}",
-                           param="prompt" if seed else "messages", code="context_length_exceeded") from exc
+            field, param = ("max_length", "prompt") if seed else ("max_tokens", "messages")
+            raise APIError(status, f"{param}: the prompt is {exc.tokens} tokens even after dropping the oldest "
+                                   f"turns, but {why}: shorten the last message or lower {field}",
+                           param=param, code="context_length_exceeded") from exc
         except ChatFormatError as exc:
             found = _MESSAGE_PARAM.search(str(exc))
-            raise APIError(status, str(exc), param="history" if seed else (found.group(1) if found else "messages"),
-                           ) from exc
+            param = "history" if seed else (found.group(1) if found else "messages")
+            message = str(exc) if str(exc).startswith(param) else f"{param}: {exc}"
+            raise APIError(status, message, param=param) from exc
         except EngineError as exc:
             raise _engine_error(exc) from exc
         inflight.add(handle)
