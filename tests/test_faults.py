@@ -117,7 +117,7 @@ def test_a_slow_reader_holds_up_nobody(server):
     slow.sendall((f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                   f"Connection: close\r\nContent-Length: {len(request)}\r\n\r\n{request}").encode())
     try:
-        assert wait_for(lambda: server.engine.running == 1)
+        assert wait_for(lambda: server.engine.running >= 1)
         assert_answers(server)  # served while the slow stream waits
         slow.settimeout(60)
         data = b""
@@ -174,7 +174,7 @@ def test_stopping_while_requests_run(tiny_loaded, engine_owned):
     served = srv.app.state.engine
     results: dict = {}
     threads = _run_requests(srv, results)
-    assert wait_for(lambda: served.running == 1 and served.waiting == 3)
+    assert wait_for(lambda: served.running >= 1 and served.running + served.waiting == 4)  # batched or queued
     srv.stop()
     for t in threads:
         t.join(30)
