@@ -1,8 +1,14 @@
 """Command line.
 
     python -m helpers serve --model NAME_OR_PATH [--host 0.0.0.0] [--port 6006]
+                            [--api-key-file keys.txt] [--max-tokens-limit 1024]
+    python -m helpers keys [N]          # N new API keys, one a line (for a workshop)
     python -m helpers tiny FAMILY DIR
     python -m helpers demo [--family qwen]
+
+API keys (one per student group) come from --api-key (repeatable), --api-key-file (one a line) and
+the environment variable API_KEYS (comma-separated); the server prints how many are active, never
+the keys. Prefer the file or the variable: command-line arguments are visible to other users (ps).
 
 NAME is a registry name (``qwen-7b-chat`` ...), a ModelScope id, a local folder, or ``tiny:FAMILY``
 for an offline stand-in with random weights (for trying the API without a GPU).
@@ -15,6 +21,8 @@ import json
 import os
 import sys
 from pathlib import Path
+
+from .limits import DEFAULT_MAX_BODY_BYTES
 
 
 def _tiny_dir(family: str) -> Path:
@@ -47,21 +55,20 @@ def cmd_serve(args) -> int:
     """Open the port at once (503 + Retry-After while loading), load, then serve."""
     import threading
 
-    import uvicorn
-
-    from .background import port_is_free
+    from .auth import APIKeys, keys_from
+    from .background import port_is_free, uvicorn_server
     from .engine import Engine
     from .server import LoadingApp, create_app
 
     if not port_is_free(args.port, args.host):
         print(f"error: port {args.port} is already in use (another server? `lsof -i :{args.port}`)", file=sys.stderr)
         return 1
+    keys = APIKeys(keys_from(args.api_key, args.api_key_file))
     path = resolve_model(args.model, args.cache_dir)  # a download error is reported before serving
     gate = LoadingApp(args.model)
     engines = []
     failed = []
-    server = uvicorn.Server(uvicorn.Config(gate, host=args.host, port=args.port, log_level=args.log_level,
-                                           timeout_graceful_shutdown=5))
+    server = uvicorn_server(gate, args.host, args.port, log_level=args.log_level, access_log=True)
 
     def load():
         from .loading import load_model
@@ -71,8 +78,14 @@ def cmd_serve(args) -> int:
             engine = Engine(loaded, max_queue=args.max_queue, max_batch=args.max_batch,
                             kv_budget_tokens=args.kv_budget).start()
             engines.append(engine)
-            gate.ready(create_app(engine))
+            gate.ready(create_app(engine, api_keys=keys, max_tokens_limit=args.max_tokens_limit,
+                                  max_prompt_tokens=args.max_prompt_tokens, max_body_bytes=args.max_body_bytes))
             print(f"Serving {loaded.name} on http://{args.host}:{args.port}  (Ctrl-C to stop)", flush=True)
+            if keys.enabled:
+                print(f"API keys: {len(keys)} active (clients send 'Authorization: Bearer <key>')", flush=True)
+            elif args.host not in ("127.0.0.1", "localhost", "::1"):
+                print("No API key: anyone who can reach this port can use the model (--api-key-file to limit it)",
+                      flush=True)
         except Exception as exc:
             gate.failed(f"{type(exc).__name__}: {exc}")
             failed.append(exc)
@@ -89,6 +102,14 @@ def cmd_serve(args) -> int:
             engine.stop()
     print("Server stopped.", flush=True)
     return 1 if failed else 0
+
+
+def cmd_keys(args) -> int:
+    from .auth import new_keys
+
+    for key in new_keys(args.n):
+        print(key)
+    return 0
 
 
 def cmd_tiny(args) -> int:
@@ -156,8 +177,22 @@ def main(argv=None) -> int:
     p.add_argument("--model", required=True, help="registry name, ModelScope id, local folder or tiny:FAMILY")
     p.add_argument("--cache-dir", default=None, help="where models are downloaded (default: $MODEL_CACHE_DIR)")
     p.add_argument("--log-level", default="info")
+    p.add_argument("--api-key", action="append", default=[], metavar="KEY",
+                   help="accept this API key (repeatable; see also --api-key-file and $API_KEYS)")
+    p.add_argument("--api-key-file", action="append", default=[], metavar="FILE",
+                   help="accept the keys in FILE, one a line (# starts a comment)")
+    p.add_argument("--max-tokens-limit", type=int, default=None, metavar="N",
+                   help="largest max_tokens / max_length a request may ask for (default: the context)")
+    p.add_argument("--max-prompt-tokens", type=int, default=None, metavar="N",
+                   help="longest prompt, after dropping the oldest turns (default: what the context leaves)")
+    p.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES, metavar="N",
+                   help=f"largest request body (default: {DEFAULT_MAX_BODY_BYTES})")
     model_options(p)
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("keys", help="print new random API keys, one a line")
+    p.add_argument("n", type=int, nargs="?", default=1)
+    p.set_defaults(func=cmd_keys)
 
     p = sub.add_parser("tiny", help="build an offline stand-in model (random weights)")
     p.add_argument("family")
@@ -174,7 +209,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (KeyError, RuntimeError, ValueError) as exc:
+    except (KeyError, RuntimeError, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
 

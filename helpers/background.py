@@ -1,9 +1,10 @@
 """Run the server in a background thread of a notebook kernel.
 
 ``uvicorn.run()`` in a cell fails (the kernel already runs an event loop), so uvicorn gets its own
-thread and loop. Starting checks the port first and waits with a deadline; stopping waits for the
-thread and checks that the port is free again; starting on a port that this kernel already serves
-stops the old server first, so re-running the cell works.
+thread and loop. Starting checks the port first and waits with a deadline; stopping ends the
+running requests with an error (503), waits for the thread and checks that the port is free again;
+starting on a port that this kernel already serves stops the old server first, so re-running the
+cell works. ``server.stop(unload=True)`` also stops the engine and frees the model's memory.
 """
 
 from __future__ import annotations
@@ -30,6 +31,25 @@ def port_is_free(port: int, host: str = "0.0.0.0") -> bool:
     return True
 
 
+def uvicorn_server(app, host: str, port: int, *, log_level: str = "warning", access_log: bool = False,
+                   timeout_graceful_shutdown: int = 5):
+    """A ``uvicorn.Server`` for ``app`` that, when it shuts down, first tells the app to end its
+    running requests with an error (``app.state.drain()``), so that every client gets an answer and
+    nothing waits for the graceful-shutdown timeout. Used in the notebook and the terminal alike."""
+    import uvicorn
+
+    class _Server(uvicorn.Server):
+        async def shutdown(self, sockets=None):
+            drain = getattr(getattr(app, "state", None), "drain", None)
+            if callable(drain):
+                drain()
+            await super().shutdown(sockets)
+
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=access_log,
+                            timeout_graceful_shutdown=timeout_graceful_shutdown)
+    return _Server(config)
+
+
 def _local_host(host: str) -> str:
     return "127.0.0.1" if host in ("0.0.0.0", "", "::") else host
 
@@ -43,6 +63,7 @@ class BackgroundServer:
         self.log_level = log_level
         self._server = None
         self._thread: threading.Thread | None = None
+        self.stop_seconds: float | None = None  # how long the last stop() took
 
     @property
     def url(self) -> str:
@@ -54,8 +75,6 @@ class BackgroundServer:
         return self._thread is not None and self._thread.is_alive() and bool(self._server and self._server.started)
 
     def start(self, timeout: float = 30.0) -> "BackgroundServer":
-        import uvicorn
-
         with _registry_lock:
             old = _servers.get(self.port)
         if old is not None and old is not self:
@@ -65,9 +84,7 @@ class BackgroundServer:
             raise ServerError(
                 f"port {self.port} is already in use by another program: stop it (another notebook's kernel, "
                 f"or `python api.py` in a terminal; find it with `lsof -i :{self.port}`) or choose another port")
-        config = uvicorn.Config(self.app, host=self.host, port=self.port, log_level=self.log_level,
-                                access_log=False, timeout_graceful_shutdown=5)
-        self._server = uvicorn.Server(config)
+        self._server = uvicorn_server(self.app, self.host, self.port, log_level=self.log_level)
         errors: list[BaseException] = []
 
         def run():
@@ -92,17 +109,27 @@ class BackgroundServer:
             _servers[self.port] = self
         return self
 
-    def stop(self, timeout: float = 15.0, *, stop_engine: bool = True) -> None:
-        """Stop serving, wait for the thread, and check that the port is free."""
+    def stop(self, timeout: float = 15.0, *, stop_engine: bool = True, unload: bool = False) -> None:
+        """Stop serving: running requests end with an error (503), the thread is joined, and the port
+        is checked to be free. The engine made by ``start_server`` is stopped too (``stop_engine``).
+
+        ``unload=True`` also stops the engine the app serves (even one you passed in) and frees the
+        model's memory (``loaded.unload()``): load the model again to serve it again."""
+        started = time.monotonic()
         if self._server is not None:
             self._server.should_exit = True
-        if self.engine is not None and stop_engine:
-            self.engine.stop()
         if self._thread is not None:
             self._thread.join(timeout)
             if self._thread.is_alive():
                 self._server.force_exit = True
                 self._thread.join(5)
+        engine = self.engine
+        if unload and engine is None:
+            engine = getattr(getattr(self.app, "state", None), "engine", None)
+        if engine is not None and (stop_engine or unload):
+            engine.stop()
+        if unload and engine is not None:
+            engine.loaded.unload()
         with _registry_lock:
             if _servers.get(self.port) is self:
                 del _servers[self.port]
@@ -111,6 +138,7 @@ class BackgroundServer:
             if time.monotonic() > deadline:
                 raise ServerError(f"port {self.port} is still in use after stopping")
             time.sleep(0.05)
+        self.stop_seconds = time.monotonic() - started
 
     def __enter__(self):
         return self if self.running else self.start()
@@ -123,22 +151,41 @@ class BackgroundServer:
 
 
 def start_server(model, host: str = "0.0.0.0", port: int = 6006, *, timeout: float = 30.0,
-                 max_queue: int = 64, max_batch: int = 16, log_level: str = "warning") -> BackgroundServer:
+                 max_queue: int = 64, max_batch: int = 16, log_level: str = "warning", api_keys=None,
+                 max_tokens_limit: int | None = None, max_prompt_tokens: int | None = None,
+                 max_body_bytes: int | None = None) -> BackgroundServer:
     """Serve a loaded model (``helpers.load_model(...)``), a running ``Engine``, or a ready FastAPI
     app in the background.
 
+    ``api_keys`` (a key or a list, one per student group) makes every route but ``/health`` need
+    ``Authorization: Bearer <key>``; ``max_tokens_limit``, ``max_prompt_tokens`` and
+    ``max_body_bytes`` limit what a request may ask for (see ``helpers.server.create_app``).
+
     Returns the running ``BackgroundServer``; ``server.url`` is where to call it from this machine,
-    ``server.stop()`` shuts it down (and the engine too when it was made here)."""
+    ``server.stop()`` shuts it down (and the engine too when it was made here);
+    ``server.stop(unload=True)`` also frees the model's memory."""
+    from .auth import APIKeys
     from .engine import Engine
+    from .limits import DEFAULT_MAX_BODY_BYTES
     from .server import create_app
 
+    keys = APIKeys(api_keys)
+    options = dict(api_keys=keys, max_tokens_limit=max_tokens_limit, max_prompt_tokens=max_prompt_tokens,
+                   max_body_bytes=max_body_bytes or DEFAULT_MAX_BODY_BYTES)
+    loaded = model if hasattr(model, "chat_format") else getattr(model, "loaded", None)
+    if loaded is not None and getattr(loaded, "model", True) is None:
+        raise ServerError("this model was unloaded (loaded.unload() or server.stop(unload=True)): "
+                          "load it again with load_model(...) first")
     owned = None
     app = model
     if hasattr(model, "chat_format"):  # a LoadedModel: the server gets its own engine
         owned = Engine(model, max_queue=max_queue, max_batch=max_batch).start()
-        app = create_app(owned)
+        app = create_app(owned, **options)
     elif isinstance(model, Engine):
-        app = create_app(model.start())
+        app = create_app(model.start(), **options)
+    elif keys.enabled or max_tokens_limit or max_prompt_tokens or max_body_bytes:
+        raise ValueError("api_keys and limits apply to a model or an Engine; for a ready app, pass them "
+                         "to create_app(...)")
     server = BackgroundServer(app, host, port, engine=owned, log_level=log_level)
     try:
         server.start(timeout)
@@ -148,6 +195,8 @@ def start_server(model, host: str = "0.0.0.0", port: int = 6006, *, timeout: flo
         raise
     name = getattr(model, "name", None) or getattr(getattr(model, "loaded", None), "name", "the app")
     print(f"Serving {name} on http://{host}:{port} (from this machine: {server.url})", flush=True)
+    if keys.enabled:
+        print(f"API keys: {len(keys)} active (clients send 'Authorization: Bearer <key>')", flush=True)
     return server
 
 

@@ -403,10 +403,14 @@ class Engine:
         return len(self._batch)
 
     # -- requests
-    def submit(self, messages: Sequence[Message], params: SamplingParams | None = None) -> RequestHandle:
+    def submit(self, messages: Sequence[Message], params: SamplingParams | None = None, *,
+               max_prompt_tokens: int | None = None) -> RequestHandle:
         """Queue a chat request. Raises ``ChatFormatError`` for messages the model's format cannot
-        take or that do not fit, ``QueueFull`` when too many requests wait, ``EngineStopped`` when
-        not running."""
+        take (``PromptTooLong`` when the prompt does not fit even after dropping the oldest turns),
+        ``QueueFull`` when too many requests wait, ``EngineStopped`` when not running.
+
+        The prompt gets what the context leaves after ``max_new_tokens``, and at most
+        ``max_prompt_tokens`` when given (a server's limit)."""
         if not self.alive:
             raise EngineStopped("the engine is not running")
         params = params or SamplingParams()
@@ -418,6 +422,8 @@ class Engine:
             raise ChatFormatError(
                 f"max_tokens {params.max_new_tokens} leaves no room for the prompt in the "
                 f"{self.loaded.context_length}-token context: lower it")
+        if max_prompt_tokens is not None:
+            budget = min(budget, max_prompt_tokens)
         with self._tokenizer_lock:
             handle._prompt_ids = fmt.encode_within(self.loaded.tokenizer, messages, budget)
         handle.prompt_tokens = len(handle._prompt_ids)

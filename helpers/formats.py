@@ -25,6 +25,15 @@ class ChatFormatError(ValueError):
     """The messages cannot be written in this family's format (the text says what to change)."""
 
 
+class PromptTooLong(ChatFormatError):
+    """Even the last user message alone (with any system message) is longer than allowed."""
+
+    def __init__(self, tokens: int, allowed: int):
+        super().__init__(f"the prompt is {tokens} tokens, more than the {allowed} allowed: "
+                         "shorten the message or lower max_tokens")
+        self.tokens, self.allowed = tokens, allowed
+
+
 @dataclass(frozen=True)
 class Special:
     token: str
@@ -180,23 +189,42 @@ class ChatFormat:
 
     def encode_within(self, tokenizer, messages: Sequence[Message], max_tokens: int) -> list[int]:
         """Like ``encode`` but drops the oldest turns (keeping any system message and the last user
-        message) until the prompt fits in ``max_tokens``, as the vendors' chat() functions do."""
+        message) until the prompt fits in ``max_tokens``, as the vendors' chat() functions do.
+        Raises ``PromptTooLong`` when even the last user message alone does not fit.
+
+        A conversation that fits is encoded once. One that does not is searched from the newest
+        turn backwards (1, 2, 4 ... turns, then bisection), so a long history costs a few encodes
+        of about ``max_tokens`` each instead of one full encode per dropped turn."""
         messages = self.check(messages)
-        while True:
-            ids = self.encode(tokenizer, messages)
-            if len(ids) <= max_tokens:
-                return ids
-            start = 1 if messages[0]["role"] == "system" else 0
-            # the last user message and everything after it is kept
-            last_user = max(i for i, m in enumerate(messages) if m["role"] == "user")
-            if last_user <= start:
-                raise ChatFormatError(
-                    f"the prompt is {len(ids)} tokens, more than the {max_tokens} allowed: "
-                    "shorten the message or lower max_tokens")
-            drop = start + 1
-            while drop < last_user and messages[drop]["role"] != "user":
-                drop += 1
-            messages = messages[:start] + messages[drop:]
+        ids = self.encode(tokenizer, messages)
+        if len(ids) <= max_tokens:
+            return ids
+        head = messages[:1] if messages[0]["role"] == "system" else []
+        last_user = max(i for i, m in enumerate(messages) if m["role"] == "user")
+        # where a kept conversation may start: a user message after the system message
+        starts = [i for i in range(len(head), last_user + 1) if messages[i]["role"] == "user"]
+        cache: dict[int, list[int]] = {}
+
+        def encoded(k: int) -> list[int]:  # keep the newest k turns
+            if k not in cache:
+                cache[k] = self.encode(tokenizer, head + messages[starts[-k]:])
+            return cache[k]
+
+        smallest = encoded(1)
+        if len(smallest) > max_tokens:
+            raise PromptTooLong(len(smallest), max_tokens)
+        n = len(starts)
+        good, k = 1, 2
+        while k <= n and len(encoded(k)) <= max_tokens:
+            good, k = k, k * 2
+        bad = k if k <= n else n + 1  # n + 1: the whole conversation, known to be too long
+        while bad - good > 1:
+            mid = (good + bad) // 2
+            if len(encoded(mid)) <= max_tokens:
+                good = mid
+            else:
+                bad = mid
+        return encoded(good)
 
     def stop_ids(self, tokenizer) -> list[int]:
         ids = []

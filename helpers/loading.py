@@ -53,15 +53,29 @@ class LoadedModel:
                 f", context {self.context_length} tokens{mem_text}, loaded in {self.load_seconds:.1f} s")
 
     def unload(self) -> None:
-        """Drop the model and return its GPU memory."""
+        """Free the model's memory (stop any engine or server using it first).
+
+        The weights are emptied in place, so the memory comes back even where something else still
+        holds the model (a variable in the notebook, an old traceback); ``self.model`` becomes None.
+        Load the model again to use it again."""
         import gc
+        import itertools
 
         import torch
 
-        self.model = None
+        model, self.model = self.model, None
+        if model is not None:
+            with torch.no_grad():
+                for tensor in itertools.chain(model.parameters(), model.buffers()):
+                    tensor.data = torch.empty(0, dtype=tensor.dtype)
+            del model
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+    @property
+    def unloaded(self) -> bool:
+        return self.model is None
 
 
 # --------------------------------------------------------------------------- dtype / device

@@ -1,5 +1,6 @@
 """Loading and generating with every family's stand-in, through the engine."""
 
+import re
 import threading
 import time
 
@@ -172,3 +173,31 @@ def test_long_history_is_truncated_from_the_oldest_turn(tiny_loaded):
     assert "last question" in text and "question 39" in text and "question 0 " not in text
     with pytest.raises(ChatFormatError, match="tokens"):
         fmt.encode_within(tok, [{"role": "user", "content": "word " * 500}], 50)
+
+
+def test_truncating_a_long_history_takes_a_few_encodes(tiny_loaded, monkeypatch):
+    # a student may send thousands of turns: dropping them one encode at a time would hold the
+    # server for minutes
+    loaded = tiny_loaded("qwen")
+    fmt, tok = loaded.chat_format, loaded.tokenizer
+    messages = []
+    for i in range(1000):
+        messages += [{"role": "user", "content": f"question {i} " * 5}, {"role": "assistant", "content": f"answer {i}"}]
+    messages.append({"role": "user", "content": "last question"})
+    calls = {"n": 0}
+    original = type(fmt).encode
+
+    def counting(self, *args, **kwargs):
+        calls["n"] += 1
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(fmt), "encode", counting)
+    ids = fmt.encode_within(tok, messages, 300)
+    assert calls["n"] <= 25
+    assert len(ids) <= 300
+    text = tok.decode(ids)
+    assert "last question" in text and "question 999" in text and "question 0 " not in text
+    # the newest turns that fit are kept: one more turn would not fit
+    kept = len(set(re.findall(r"question (\d+)", text)))
+    assert fmt.encode(tok, messages[-(2 * kept + 1):]) == ids
+    assert len(fmt.encode(tok, messages[-(2 * kept + 3):])) > 300

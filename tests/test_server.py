@@ -190,7 +190,8 @@ def test_bad_seed_input_keeps_seed_shape(server):
     r = requests.post(server.url, json={"history": []})
     assert r.status_code == 422
     body = r.json()
-    assert body["status"] == 422 and "prompt" in body["error"]
+    assert body["status"] == 422 and "prompt" in body["error"]["message"]
+    assert body["error"]["param"] == "prompt"
 
 
 def test_openai_client_error_type(client):
@@ -237,4 +238,4 @@ def test_repetition_penalty_and_top_k_are_accepted(client, server):
     r = requests.post(server.url, json={"prompt": "hi", "repetition_penalty": 1.2, "max_length": 4})
     assert r.status_code == 200
     r = requests.post(server.url, json={"prompt": "hi", "repetition_penalty": 0})
-    assert r.status_code == 422 and "repetition_penalty" in r.json()["error"]
+    assert r.status_code == 422 and "repetition_penalty" in r.json()["error"]["message"]
