@@ -41,6 +41,7 @@ NOTEBOOKS = ROOT / "notebooks"
 # Registry name -> stand-in family. A lesson is run once its model is listed here.
 STANDINS = {
     "qwen-7b-chat": "qwen",
+    "xverse-7b-chat": "xverse",
 }
 ENVIRONMENT_LESSON = "00-autodl-environment.ipynb"  # the one lesson without a model
 
