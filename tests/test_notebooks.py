@@ -42,6 +42,7 @@ NOTEBOOKS = ROOT / "notebooks"
 STANDINS = {
     "qwen-7b-chat": "qwen",
     "xverse-7b-chat": "xverse",
+    "bluelm-7b-chat": "bluelm",
 }
 ENVIRONMENT_LESSON = "00-autodl-environment.ipynb"  # the one lesson without a model
 
