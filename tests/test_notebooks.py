@@ -43,6 +43,7 @@ STANDINS = {
     "qwen-7b-chat": "qwen",
     "xverse-7b-chat": "xverse",
     "bluelm-7b-chat": "bluelm",
+    "internlm2-chat-7b": "internlm2",
 }
 ENVIRONMENT_LESSON = "00-autodl-environment.ipynb"  # the one lesson without a model
 
