@@ -44,6 +44,7 @@ STANDINS = {
     "xverse-7b-chat": "xverse",
     "bluelm-7b-chat": "bluelm",
     "internlm2-chat-7b": "internlm2",
+    "minicpm-2b-sft": "minicpm",
 }
 ENVIRONMENT_LESSON = "00-autodl-environment.ipynb"  # the one lesson without a model
 
@@ -210,10 +211,18 @@ def test_notebook_saved_clean(notebook: Path):
 
 
 def test_lessons_are_found():
+    from helpers.registry import MODELS
+
     names = [p.name for p in lesson_notebooks()]
     assert names[0] == ENVIRONMENT_LESSON and model_of(NOTEBOOKS / ENVIRONMENT_LESSON) is None
     assert "01-qwen-7b-chat-fastapi.ipynb" in names
     assert model_of(NOTEBOOKS / "01-qwen-7b-chat-fastapi.ipynb") == "qwen-7b-chat"
+    # one lesson per registry model, each run on its family's stand-in
+    models = [model_of(p) for p in lesson_notebooks()[1:]]
+    assert sorted(models) == sorted(MODELS), names
+    assert all(STANDINS[m] == MODELS[m].family for m in models)
+    # numbered 00, 01, 02, ... without gaps or duplicates
+    assert [n[:2] for n in names] == [f"{i:02d}" for i in range(len(names))], names
 
 
 # --------------------------------------------------------------------------- cleaning tool
