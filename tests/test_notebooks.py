@@ -3,6 +3,9 @@
 Each lesson ``notebooks/NN-<model name>-....ipynb`` is run unchanged, as the student runs it on the
 GPU box; only the environment differs: a temporary model cache seeded with the random-weight
 stand-in under the real ModelScope id (``MODEL_CACHE_DIR``), a free ``PORT``, progress bars off.
+The environment lesson (``00-...``, no model) runs with an empty cache. A lesson runs from a copy in a
+temporary folder, so that what it writes next to itself (``%%writefile api.py``) stays out of the
+checkout.
 
 ``pytest --nbval-lax`` runs every cell and compares the output of the cells whose first line is
 ``# NBVAL_CHECK_OUTPUT`` with the output stored in the notebook (cells marked ``# NBVAL_SKIP`` are
@@ -38,7 +41,12 @@ NOTEBOOKS = ROOT / "notebooks"
 # Registry name -> stand-in family. A lesson is run once its model is listed here.
 STANDINS = {
     "qwen-7b-chat": "qwen",
+    "xverse-7b-chat": "xverse",
+    "bluelm-7b-chat": "bluelm",
+    "internlm2-chat-7b": "internlm2",
+    "minicpm-2b-sft": "minicpm",
 }
+ENVIRONMENT_LESSON = "00-autodl-environment.ipynb"  # the one lesson without a model
 
 TIMEOUT = 600        # seconds for a whole notebook
 CELL_TIMEOUT = 300   # seconds for one cell
@@ -97,15 +105,20 @@ def test_notebook_runs(notebook: Path, tmp_path: Path):
     from helpers.tiny import build_tiny
 
     model = model_of(notebook)
-    if model is None:
+    if model is None and notebook.name != ENVIRONMENT_LESSON:
         pytest.skip(f"{notebook.name} names no registry model")
-    if model not in STANDINS:
+    if model is not None and model not in STANDINS:
         pytest.skip(f"no stand-in listed for {model}: add {model!r}: {get_spec(model).family!r} to STANDINS")
     if shutil.which("curl") is None:
         pytest.skip("the lessons call the server with curl, which is not installed")
 
     cache = tmp_path / "cache"
-    seed_cache(model, build_tiny(STANDINS[model], tmp_path / "standin"), cache)
+    cache.mkdir()
+    if model is not None:
+        seed_cache(model, build_tiny(STANDINS[model], tmp_path / "standin"), cache)
+    work = tmp_path / "notebooks"  # the kernel runs here: files the lesson writes stay out of the checkout
+    work.mkdir()
+    shutil.copy(notebook, work / notebook.name)
     ipython_dir = tmp_path / "ipython"
     startup = ipython_dir / "profile_default" / "startup"
     startup.mkdir(parents=True)
@@ -126,13 +139,14 @@ def test_notebook_runs(notebook: Path, tmp_path: Path):
         NOTEBOOK_KERNEL_INFO=str(kernel_info),
         # `!curl ... | python -m json.tool` in the notebook: the venv's python first
         PATH=os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", ""),
+        # the kernel imports this checkout's helpers, wherever the notebook copy runs
+        PYTHONPATH=os.pathsep.join([str(ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]),
     )
     cmd = [sys.executable, "-m", "pytest", "--nbval-lax", "--nbval-current-env",
-           f"--nbval-cell-timeout={CELL_TIMEOUT}", "-p", "no:cacheprovider", "-q", "-rs",
-           str(notebook.relative_to(ROOT))]
+           f"--nbval-cell-timeout={CELL_TIMEOUT}", "-p", "no:cacheprovider", "-q", "-rs", notebook.name]
     started = time.monotonic()
     # own session, so that a timeout ends pytest and its kernel together
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    proc = subprocess.Popen(cmd, cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
     try:
         out, _ = proc.communicate(timeout=TIMEOUT)
@@ -197,9 +211,18 @@ def test_notebook_saved_clean(notebook: Path):
 
 
 def test_lessons_are_found():
+    from helpers.registry import MODELS
+
     names = [p.name for p in lesson_notebooks()]
+    assert names[0] == ENVIRONMENT_LESSON and model_of(NOTEBOOKS / ENVIRONMENT_LESSON) is None
     assert "01-qwen-7b-chat-fastapi.ipynb" in names
     assert model_of(NOTEBOOKS / "01-qwen-7b-chat-fastapi.ipynb") == "qwen-7b-chat"
+    # one lesson per registry model, each run on its family's stand-in
+    models = [model_of(p) for p in lesson_notebooks()[1:]]
+    assert sorted(models) == sorted(MODELS), names
+    assert all(STANDINS[m] == MODELS[m].family for m in models)
+    # numbered 00, 01, 02, ... without gaps or duplicates
+    assert [n[:2] for n in names] == [f"{i:02d}" for i in range(len(names))], names
 
 
 # --------------------------------------------------------------------------- cleaning tool
@@ -233,6 +256,12 @@ def strip(path: Path, expected: Path | None = None) -> list[str]:
                 out["metadata"] = {}
             if out.get("output_type") == "execute_result":
                 out["execution_count"] = number
+            previous = outputs[-1] if outputs else None
+            if (out.get("output_type") == "stream" and previous is not None
+                    and previous.get("output_type") == "stream" and previous.get("name") == out.get("name")):
+                # one stream output per run of prints, as JupyterLab saves it (nbclient saves pieces)
+                previous["text"] = "".join(previous["text"]) + "".join(out["text"])
+                continue
             outputs.append(nbformat.from_dict(out))
         cell.outputs = outputs
         cell.execution_count = number if outputs else None

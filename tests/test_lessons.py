@@ -1,0 +1,270 @@
+"""The lessons as documents: every exported ``api.py`` serves, and text and code agree.
+
+* ``api.py``: each model lesson has one ``%%writefile api.py`` cell. Its body is written to a temporary
+  folder and started with ``python api.py`` on the lesson's stand-in (seeded under the real ModelScope
+  id in ``MODEL_CACHE_DIR``, on a free ``PORT``), called with the seed tutorials' ``requests`` snippet
+  and the official ``openai`` client (sync and streaming), then stopped with Ctrl-C (SIGINT): it must
+  exit cleanly.
+* Agreement: the ModelScope id, revision, port and model name a lesson's markdown mentions are the ones
+  its code uses and the registry holds; images and lesson links in the markdown resolve, images have
+  alt text; the README's lesson index matches the registry.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from xml.etree import ElementTree
+
+import pytest
+
+from .conftest import free_port
+from .test_notebooks import ENVIRONMENT_LESSON, NOTEBOOKS, ROOT, STANDINS, lesson_notebooks, model_of
+
+WRITEFILE = "%%writefile api.py"
+API_MAX_LINES = 35  # "short enough to read on one screen"
+DEFAULT_PORT = 6006
+MODEL_LESSONS = [p for p in lesson_notebooks() if model_of(p) is not None]
+
+
+def _cells(notebook: Path) -> list[dict]:
+    nb = json.loads(notebook.read_text(encoding="utf-8"))
+    return [dict(c, source=c["source"] if isinstance(c["source"], str) else "".join(c["source"]))
+            for c in nb["cells"]]
+
+
+def markdown_of(notebook: Path) -> str:
+    return "\n\n".join(c["source"] for c in _cells(notebook) if c["cell_type"] == "markdown")
+
+
+def code_cells(notebook: Path) -> list[str]:
+    return [c["source"] for c in _cells(notebook) if c["cell_type"] == "code"]
+
+
+def api_source(notebook: Path) -> str:
+    """The body of the lesson's ``%%writefile api.py`` cell: what a reader who copies it gets."""
+    cells = [s for s in code_cells(notebook) if s.lstrip().startswith(WRITEFILE)]
+    assert len(cells) == 1, f"{notebook.name}: expected one `{WRITEFILE}` cell, found {len(cells)}"
+    return cells[0].lstrip()[len(WRITEFILE):].lstrip("\n")
+
+
+# --------------------------------------------------------------------------- api.py serves
+
+
+def _stop(proc: subprocess.Popen) -> tuple[int, str]:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)  # what Ctrl-C in the terminal sends
+    try:
+        out, _ = proc.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, _ = proc.communicate()
+        return -9, out
+    return proc.returncode, out
+
+
+@pytest.mark.parametrize("notebook", MODEL_LESSONS, ids=lambda p: p.name)
+def test_exported_api_py_serves_and_stops(notebook: Path, tmp_path: Path):
+    import requests
+    from openai import BadRequestError, OpenAI
+
+    from helpers.client import wait_until_ready
+    from helpers.download import seed_cache
+    from helpers.formats import get_chat_format
+    from helpers.registry import MODELS
+    from helpers.tiny import build_tiny
+
+    model = model_of(notebook)
+    source = api_source(notebook)
+    assert len(source.splitlines()) <= API_MAX_LINES, f"{notebook.name}: api.py has grown past {API_MAX_LINES} lines"
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "api.py").write_text(source, encoding="utf-8")
+    cache = tmp_path / "cache"
+    seed_cache(model, build_tiny(STANDINS[model], tmp_path / "standin"), cache)
+
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
+    env.update(MODEL_CACHE_DIR=str(cache), PORT=str(port), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
+               HF_HUB_DISABLE_PROGRESS_BARS="1", TOKENIZERS_PARALLELISM="false",
+               PYTHONPATH=os.pathsep.join([str(ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]))
+    proc = subprocess.Popen([sys.executable, "api.py"], cwd=work, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"python api.py exited with {proc.returncode} before serving:\n{_stop(proc)[1]}")
+            try:
+                health = wait_until_ready(url, timeout=1)
+                break
+            except TimeoutError:
+                if time.monotonic() > deadline:
+                    pytest.fail(f"python api.py did not serve within 120 s:\n{_stop(proc)[1]}")
+        assert health["model"] == model and health["status"] == "ok", health
+
+        # the seed tutorials' requests snippet, unchanged but for the URL
+        headers = {'Content-Type': 'application/json'}
+        data = {"prompt": "你好", "history": []}
+        response = requests.post(url=url, headers=headers, data=json.dumps(data))
+        assert response.status_code == 200, response.text
+        assert isinstance(response.json()['response'], str)
+        assert response.json()["history"] == [["你好", response.json()["response"]]]
+
+        client = OpenAI(base_url=url + "/v1", api_key="EMPTY", max_retries=0)
+        assert [m.id for m in client.models.list().data] == [model]
+        messages = [{"role": "user", "content": "你好"}, {"role": "assistant", "content": "你好！"},
+                    {"role": "user", "content": "讲个笑话吧。"}]
+        out = client.chat.completions.create(model=model, messages=messages, max_tokens=8, temperature=0)
+        assert out.choices[0].finish_reason in ("stop", "length")
+        chunks = client.chat.completions.create(model=model, messages=messages, max_tokens=8, temperature=0,
+                                                stream=True)
+        streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        # the non-streamed answer is post-processed (Qwen's chat() strips it)
+        assert out.choices[0].message.content in (streamed, streamed.strip())
+
+        with_system = [{"role": "system", "content": "你是一位耐心的老师。"}] + messages
+        if get_chat_format(MODELS[model].family).supports_system:
+            client.chat.completions.create(model=model, messages=with_system, max_tokens=4)
+        else:  # what the XVERSE lesson shows: HTTP 400 with a message that says what to change
+            with pytest.raises(BadRequestError) as err:
+                client.chat.completions.create(model=model, messages=with_system, max_tokens=4)
+            assert err.value.status_code == 400 and "system" in str(err.value)
+    finally:
+        code, output = _stop(proc)
+    assert code == 0, f"python api.py did not exit cleanly after Ctrl-C (exit {code}):\n{output}"
+    assert "Traceback" not in output, output
+    assert "Server stopped." in output, output
+
+
+# --------------------------------------------------------------------------- text and code agree
+
+
+def _registry_ids() -> dict[str, str]:
+    from helpers.registry import MODELS
+
+    return {spec.model_id: name for name, spec in MODELS.items()}
+
+
+def modelscope_ids_in(text: str) -> set[str]:
+    """ModelScope ids (``owner/name``) in ``text`` whose owner is one of the registry's owners,
+    written in any case (so that a miscased or mistyped id is caught too)."""
+    owners = {model_id.split("/")[0].lower() for model_id in _registry_ids()}
+    found = set()
+    # overlapping matches: the id inside /root/autodl-tmp/models/qwen/Qwen-7B-Chat counts too
+    for match in re.finditer(r"(?<![A-Za-z0-9_-])(?=([A-Za-z0-9_-]+)/([A-Za-z0-9][A-Za-z0-9_.-]*[A-Za-z0-9]))", text):
+        owner, name = match.groups()
+        if owner.lower() in owners:
+            found.add(f"{owner}/{name}")
+    return found
+
+
+def ports_in(markdown: str) -> set[int]:
+    """Ports the text says the server uses: ``127.0.0.1:N``, ``0.0.0.0:N``, ``--port N``, ``端口 N``,
+    ``N 端口``, ``-L N:...``."""
+    patterns = [r"(?:127\.0\.0\.1|0\.0\.0\.0|localhost):(\d{2,5})\b", r"--port[ =](\d{2,5})\b",
+                r"端口\s?(\d{2,5})\b", r"\b(\d{4,5})\s?端口", r"-L\s?(\d{2,5}):"]
+    return {int(p) for pattern in patterns for p in re.findall(pattern, markdown)}
+
+
+@pytest.mark.parametrize("notebook", lesson_notebooks(), ids=lambda p: p.name)
+def test_markdown_and_code_agree(notebook: Path):
+    from helpers.registry import MODELS
+
+    markdown = markdown_of(notebook)
+    code = "\n\n".join(code_cells(notebook))
+    model = model_of(notebook)
+    ids = modelscope_ids_in(markdown)
+    revisions = set(re.findall(r"\bv\d+\.\d+\.\d+\b", markdown))
+
+    if model is None:  # the environment lesson: whatever it names is in the registry
+        assert notebook.name == ENVIRONMENT_LESSON
+        assert ids <= set(_registry_ids()), f"ids not in the registry: {ids - set(_registry_ids())}"
+        pinned = {spec.revision for spec in MODELS.values() if spec.revision}
+        assert revisions <= pinned, f"revisions not in the registry: {revisions - pinned}"
+    else:
+        spec = MODELS[model]
+        # the ModelScope id in the text is the registry's, and no other model's id slips in
+        assert ids == {spec.model_id}, f"ModelScope ids in the text: {ids}, registry: {spec.model_id}"
+        # the revision in the text is the pinned one (and a pinned revision is mentioned)
+        assert revisions == ({spec.revision} if spec.revision else set()), (revisions, spec.revision)
+        # the code serves this lesson's model: config cell, api.py, curl bodies, one-liners
+        names = re.findall(r'^MODEL_NAME = "([^"]+)"', code, flags=re.M)
+        assert names == [model, model], f"MODEL_NAME in the config cell and api.py: {names}"
+        assert set(re.findall(r'"model": "([^"]+)"', code)) <= {model}
+        assert set(re.findall(r"--model ([\w.:/-]+)", markdown)) == {model}
+        # every lesson starts from the environment lesson
+        assert f"]({ENVIRONMENT_LESSON})" in markdown, f"{notebook.name} does not link to {ENVIRONMENT_LESSON}"
+        api = api_source(notebook)
+        assert 'HOST = "0.0.0.0"' in api and 'os.environ.get("MODEL_CACHE_DIR", "/root/autodl-tmp")' in api
+        assert "uvicorn.run(app, host=HOST, port=PORT" in api
+
+    # the port: the code's default is the one the text names, and AutoDL's 6006
+    defaults = {int(p) for p in re.findall(r'os\.environ\.get\("PORT", "(\d+)"\)', code)}
+    assert defaults == {DEFAULT_PORT}, defaults
+    assert ports_in(markdown) == {DEFAULT_PORT}, f"ports in the text: {ports_in(markdown)}"
+    if model is not None:
+        assert 'HOST = "0.0.0.0"' in code
+
+    # images: existing files under images/, with alt text; links to lessons: existing notebooks
+    images = re.findall(r"!\[([^\]]*)\]\(([^)\s]+)\)", markdown)
+    assert images, f"{notebook.name} shows no figure (the flow diagram at least)"
+    for alt, target in images:
+        path = (NOTEBOOKS / target).resolve()
+        assert path.is_file(), f"{notebook.name}: image {target} does not exist"
+        assert path.parent == ROOT / "images", f"{notebook.name}: image {target} is not in images/"
+        assert len(alt.strip()) >= 10, f"{notebook.name}: image {target} needs alt text"
+    for target in re.findall(r"\]\(([^)\s]+\.ipynb)\)", markdown):
+        assert (NOTEBOOKS / target).is_file(), f"{notebook.name}: link to missing lesson {target}"
+
+
+def test_api_cells_exist_only_in_model_lessons():
+    assert not [s for s in code_cells(NOTEBOOKS / ENVIRONMENT_LESSON) if s.lstrip().startswith(WRITEFILE)]
+    assert len(MODEL_LESSONS) == len(lesson_notebooks()) - 1
+
+
+def test_readme_lesson_index_matches_the_registry():
+    from helpers.registry import MODELS
+
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    rows = [line for line in readme.splitlines() if line.startswith("| [")]
+    for notebook in lesson_notebooks():
+        link = f"(notebooks/{notebook.name})"
+        matching = [row for row in rows if link in row]
+        assert len(matching) == 1, f"README's lesson index has {len(matching)} rows linking {link}"
+        model = model_of(notebook)
+        if model is None:
+            continue
+        row, spec = matching[0], MODELS[model]
+        assert f"`{spec.model_id}`" in row, (row, spec.model_id)
+        sizes = [float(n) for n in re.findall(r"(\d+(?:\.\d+)?) GB", row)]
+        assert sizes[:2] == [spec.gpu_memory_gb, spec.download_gb], (row, spec.gpu_memory_gb, spec.download_gb)
+    assert "即将推出" not in readme
+
+
+@pytest.mark.parametrize("image", sorted((ROOT / "images").glob("*.svg")), ids=lambda p: p.name)
+def test_svg_figures_are_well_formed_and_titled(image: Path):
+    root = ElementTree.parse(image).getroot()
+    ns = "{http://www.w3.org/2000/svg}"
+    assert root.tag == f"{ns}svg"
+    title = root.find(f"{ns}title")
+    assert title is not None and title.text and title.text.strip(), f"{image.name} needs a <title>"
+    assert root.get("role") == "img"
+
+
+def test_chat_formats_figure_is_current():
+    """images/chat-formats.svg is drawn from helpers.formats: it must match what the script draws now."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("chat_formats_figure", ROOT / "scripts" / "chat_formats_figure.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    committed = (ROOT / "images" / "chat-formats.svg").read_text(encoding="utf-8")
+    assert committed == module.svg(), "images/chat-formats.svg is stale: run `python scripts/chat_formats_figure.py`"
