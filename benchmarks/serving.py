@@ -67,10 +67,12 @@ class Server:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited: {self.proc.stderr.read()}")
             try:
-                if requests.get(self.url + "/health", timeout=1).status_code == 200:
+                r = requests.get(self.url + "/health", timeout=1)
+                if r.status_code == 200 and r.json().get("status") == "ok":
                     return
             except requests.RequestException:
-                time.sleep(0.2)
+                pass
+            time.sleep(0.2)
         raise RuntimeError("server did not start")
 
     def stop(self):
@@ -179,7 +181,8 @@ def offline(model_dir, clients, per_client, tokens):
         ids = torch.tensor([[loaded.pad_id] * (width - len(x)) + x for x in batch])
         mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in batch])
         out = loaded.model.generate(ids, attention_mask=mask, max_new_tokens=tokens, min_new_tokens=tokens,
-                                    do_sample=False, eos_token_id=loaded.stop_ids, pad_token_id=loaded.pad_id)
+                                    do_sample=False, temperature=1.0, top_p=1.0, top_k=50, repetition_penalty=1.0,
+                                    eos_token_id=loaded.stop_ids, pad_token_id=loaded.pad_id)
         return (out.shape[1] - width) * len(batch)
 
     batch_generate(encoded[:1])  # warm up

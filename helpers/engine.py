@@ -102,23 +102,36 @@ class RequestHandle:
         self.error: str | None = None
         self._cancelled = threading.Event()
         self._done = threading.Event()
-        self._events: queue.Queue[Event] = queue.Queue()
+        self._events: queue.Queue[Event] = queue.Queue()  # for blocking readers
+        # asyncio readers: the handle binds to the event loop that first reads it (so it may be
+        # submitted from a worker thread and read on the server's loop)
+        self._lock = threading.Lock()
+        self._history: list[Event] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._async_events: asyncio.Queue | None = None
-        try:
-            self._loop = asyncio.get_running_loop()
-            self._async_events = asyncio.Queue()
-        except RuntimeError:
-            pass
 
     # -- producer side (engine worker)
-    def _record(self, event: Event) -> None:
-        if event.finish_reason is not None:
-            self.finish_reason = event.finish_reason
-            self.error = event.error
-        # Always fill the thread-safe queue too: code in a notebook cell runs inside the kernel's
-        # event loop, yet reads the handle synchronously (engine.chat, `for event in handle`).
-        self._events.put(event)
+    def _record(self, event: Event):
+        """Store ``event``; return the event loop to wake (None if no asyncio reader yet)."""
+        with self._lock:
+            if event.finish_reason is not None:
+                self.finish_reason = event.finish_reason
+                self.error = event.error
+            # Always fill the thread-safe queue too: code in a notebook cell runs inside the kernel's
+            # event loop, yet reads the handle synchronously (engine.chat, `for event in handle`).
+            self._events.put(event)
+            self._history.append(event)
+            return self._loop
+
+    def _bind(self) -> asyncio.Queue:
+        """The asyncio queue of this handle, bound to the running loop, with what came so far."""
+        with self._lock:
+            if self._async_events is None:
+                self._loop = asyncio.get_running_loop()
+                self._async_events = asyncio.Queue()
+                for event in self._history:
+                    self._async_events.put_nowait(event)
+            return self._async_events
 
     def _push(self, event: Event) -> None:
         _deliver([(self, event)])
@@ -144,10 +157,9 @@ class RequestHandle:
                 return
 
     async def __aiter__(self):
-        if self._async_events is None:
-            raise RuntimeError("this handle was created outside an event loop: iterate it normally")
+        events = self._bind()
         while True:
-            event = await self._async_events.get()
+            event = await events.get()
             yield event
             if event.finish_reason is not None:
                 return
@@ -173,9 +185,9 @@ def _deliver(pairs: Sequence[tuple["RequestHandle", Event]]) -> None:
     """Hand events to their handles; one wake-up per event loop, however many events."""
     by_loop: dict[Any, list] = {}
     for handle, event in pairs:
-        handle._record(event)
-        if handle._loop is not None:
-            by_loop.setdefault(handle._loop, []).append((handle, event))
+        loop = handle._record(event)
+        if loop is not None:
+            by_loop.setdefault(loop, []).append((handle, event))
         elif event.finish_reason is not None:
             handle._done.set()
 

@@ -29,6 +29,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.security import HTTPBearer
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .auth import APIKeys
@@ -259,6 +260,11 @@ class APIError(Exception):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
         self.headers = headers or {}
+
+
+# conversations longer than this (in characters) are tokenized in a worker thread, so that the
+# event loop (health checks, other streams) never waits for them
+BIG_PROMPT_CHARS = 20_000
 
 
 def _now() -> str:
@@ -495,10 +501,15 @@ def create_app(engine: Engine, *, title: str | None = None, api_keys=None, max_t
                              stop=stop or None, seed=getattr(body, "seed", None),
                              ignore_eos=getattr(body, "ignore_eos", None) or None)
 
-    def submit(messages, params: SamplingParams, *, seed: bool):
+    async def submit(messages, params: SamplingParams, *, seed: bool):
         status = 422 if seed else 400
         try:
-            handle = engine.submit(messages, params, max_prompt_tokens=limits.max_prompt_tokens)
+            if sum(len(m["content"]) for m in messages) > BIG_PROMPT_CHARS:
+                # tokenizing a long conversation takes a while: not on the event loop
+                handle = await run_in_threadpool(engine.submit, messages, params,
+                                                 max_prompt_tokens=limits.max_prompt_tokens)
+            else:
+                handle = engine.submit(messages, params, max_prompt_tokens=limits.max_prompt_tokens)
         except PromptTooLong as exc:
             why = (f"this server allows prompts of {limits.max_prompt_tokens} tokens"
                    if limits.max_prompt_tokens is not None and exc.allowed == limits.max_prompt_tokens else
@@ -556,7 +567,7 @@ def create_app(engine: Engine, *, title: str | None = None, api_keys=None, max_t
         except ChatFormatError as exc:
             raise APIError(422, str(exc), param="history") from exc
         params = sampling(body, max_new_tokens(body.max_length, "max_length", 422))
-        handle = submit(messages, params, seed=True)
+        handle = await submit(messages, params, seed=True)
         result = await finish(request, handle)
         response = loaded.chat_format.postprocess(result.text)
         history = messages_to_history(messages) + [[body.prompt, response]]
@@ -584,7 +595,7 @@ def create_app(engine: Engine, *, title: str | None = None, api_keys=None, max_t
         field = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
         max_new = max_new_tokens(body.max_completion_tokens or body.max_tokens, field, 400)
         stop = [body.stop] if isinstance(body.stop, str) else (body.stop or [])
-        handle = submit(messages, sampling(body, max_new, stop), seed=False)
+        handle = await submit(messages, sampling(body, max_new, stop), seed=False)
         completion_id = f"chatcmpl-{uuid.uuid4().hex}"
         now = int(time.time())
         if not body.stream:
@@ -630,7 +641,7 @@ async def _coalesced(handle):
     into one event (fewer, larger chunks when the server is busy; one token each when it is not)."""
     from .engine import Event
 
-    queue = handle._async_events
+    queue = handle._bind()
     async for event in handle:
         text, finish, error = event.text, event.finish_reason, event.error
         while finish is None and not queue.empty():

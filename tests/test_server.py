@@ -239,3 +239,4 @@ def test_repetition_penalty_and_top_k_are_accepted(client, server):
     assert r.status_code == 200
     r = requests.post(server.url, json={"prompt": "hi", "repetition_penalty": 0})
     assert r.status_code == 422 and "repetition_penalty" in r.json()["error"]["message"]
+
