@@ -687,12 +687,15 @@ async def _sse(handle, completion_id: str, created: int, model: str, include_usa
             body["usage"] = usage
         return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
+    # a content chunk is this template around the JSON-encoded text (one is sent per token)
+    head, tail = chunk({"content": "\0"}).split('"\\u0000"')
+
     try:
         yield chunk({"role": "assistant", "content": ""})
         try:
             async for event in _coalesced(handle):
                 if event.text:
-                    yield chunk({"content": event.text})
+                    yield head + json.dumps(event.text, ensure_ascii=False) + tail
                 if event.finish_reason is None:
                     continue
                 if event.finish_reason == "error":
