@@ -310,10 +310,8 @@ def _sample(logits, seqs: Sequence[_Sequence], device):
     each row with its own settings (and its own random generator)."""
     import torch
 
-    logits = logits.float()
-    bad = ~torch.isfinite(logits)
-    if bool(bad.any()):  # fp16 overflow shows up as inf/nan: never pick those
-        logits = logits.masked_fill(bad, float("-inf"))
+    # fp16 overflow shows up as inf/nan: never pick those (one op, no device sync)
+    logits = torch.nan_to_num(logits.float(), nan=float("-inf"), posinf=float("-inf"))
     greedy_all = all(s.params.greedy and s.params.repetition_penalty == 1.0 for s in seqs)
     if greedy_all:
         return logits.argmax(-1).tolist()
