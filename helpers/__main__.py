@@ -63,6 +63,12 @@ def cmd_serve(args) -> int:
     if not port_is_free(args.port, args.host):
         print(f"error: port {args.port} is already in use (another server? `lsof -i :{args.port}`)", file=sys.stderr)
         return 1
+    import logging
+
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+    logging.getLogger("helpers.requests").addHandler(handler)  # one line per finished request
+    logging.getLogger("helpers.requests").setLevel(logging.INFO)
     keys = APIKeys(keys_from(args.api_key, args.api_key_file))
     path = resolve_model(args.model, args.cache_dir)  # a download error is reported before serving
     gate = LoadingApp(args.model)

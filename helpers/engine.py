@@ -371,6 +371,9 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
         self._ready = threading.Event()
+        from .metrics import Metrics
+
+        self.metrics = Metrics()
         self.stats = {"requests": 0, "completed": 0, "failed": 0, "cancelled": 0, "rejected": 0,
                       "prompt_tokens": 0, "completion_tokens": 0, "steps": 0, "peak_batch": 0}
 
@@ -446,6 +449,7 @@ class Engine:
         with self._cond:
             if len(self._waiting) >= self.max_queue:
                 self.stats["rejected"] += 1
+                self.metrics.request_rejected()
                 raise QueueFull(f"{len(self._waiting)} requests are already waiting: try again shortly")
             self._waiting.append(handle)
             self.stats["requests"] += 1
@@ -512,6 +516,7 @@ class Engine:
                 if head.cancelled:
                     self._waiting.popleft()
                     self.stats["cancelled"] += 1
+                    self.metrics.request_finished(head, "cancelled", time.time())
                     _deliver([(head, Event(finish_reason="cancelled"))])
                     continue
                 if not self._fits(head, admitted):
@@ -658,6 +663,7 @@ class Engine:
         return finished
 
     def _count(self, seq: _Sequence, reason: str) -> None:
+        self.metrics.request_finished(seq.handle, reason, time.time())
         self.stats["cancelled" if reason == "cancelled" else "completed"] += 1
         self.stats["prompt_tokens"] += len(seq.prompt)
         self.stats["completion_tokens"] += len(seq.generated)
@@ -676,12 +682,19 @@ class Engine:
         traceback.print_exception(exc)
         message = _describe_error(exc)
         self.stats["failed"] += len(seqs)
+        now = time.time()
+        for seq in seqs:
+            self.metrics.request_finished(seq.handle, "error", now)
         _deliver([(s.handle, Event(finish_reason="error", error=message)) for s in seqs])
         _free_cuda_cache()
 
     def _fail_batch(self, message: str) -> None:
         seqs, self._batch, self._cache = self._batch, [], None
-        _deliver([(s.handle, Event(finish_reason="error", error=message)) for s in seqs if not s.handle.done])
+        seqs = [s for s in seqs if not s.handle.done]
+        now = time.time()
+        for seq in seqs:
+            self.metrics.request_finished(seq.handle, "error", now)
+        _deliver([(s.handle, Event(finish_reason="error", error=message)) for s in seqs])
 
 
 def _default_kv_budget(loaded) -> int | None:

@@ -41,7 +41,7 @@ from .limits import DEFAULT_MAX_BODY_BYTES, Limits, RequestGuard
 GREEDY_BELOW = 1e-5
 MAX_STOP = 4          # stop strings per request (as OpenAI)
 MAX_STOP_CHARS = 200  # characters per stop string
-OPEN_PATHS = ("/health", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json")
+OPEN_PATHS = ("/health", "/metrics", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json")
 
 # Strict: "temperature": "0.7" or "stream": "yes" are errors, not guesses; NaN/Infinity are refused.
 REQUEST = ConfigDict(extra="ignore", strict=True, allow_inf_nan=False)
@@ -552,6 +552,14 @@ def create_app(engine: Engine, *, title: str | None = None, api_keys=None, max_t
         status = "stopping" if app.state.draining else ("ok" if engine.alive else "stopped")
         return Health(status=status, model=model_name, family=loaded.family, device=str(loaded.device),
                       running=engine.running, waiting=engine.waiting)
+
+    @app.get("/metrics", include_in_schema=False)
+    async def metrics():
+        """Prometheus text format: requests running/waiting, rejected, tokens, TTFT and latency."""
+        from fastapi.responses import PlainTextResponse
+
+        text = engine.metrics.render(model=model_name, running=engine.running, waiting=engine.waiting)
+        return PlainTextResponse(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @app.get("/v1/models", response_model=ModelList, dependencies=auth,
              responses=error_responses(*((401,) if keys.enabled else ())))
