@@ -91,3 +91,20 @@ def _error_text(r: requests.Response) -> str:
     if isinstance(body, dict) and "error" in body:
         return str(body["error"])
     return str(body)[:500]
+
+
+def metrics(url: str = DEFAULT_URL, timeout: float = 10) -> dict[str, float]:
+    """``GET /metrics`` as ``{name: value}`` (values of a name with several label sets are added up;
+    histograms give ``..._sum`` and ``..._count``), for a quick look without Prometheus."""
+    r = requests.get(url.rstrip("/") + "/metrics", timeout=timeout)
+    r.raise_for_status()
+    values: dict[str, float] = {}
+    for line in r.text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        name_labels, value = line.rsplit(" ", 1)
+        name = name_labels.split("{", 1)[0]
+        if name.endswith("_bucket"):
+            continue
+        values[name] = values.get(name, 0.0) + float(value)
+    return values

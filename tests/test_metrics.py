@@ -92,3 +92,13 @@ def test_one_log_line_per_request_without_secrets(server, caplog):
     assert len(lines) == 1
     assert "completion_tokens=" in lines[0] and "seconds=" in lines[0] and "finished=" in lines[0]
     assert "sekret" not in lines[0] and "secret prompt" not in lines[0]
+
+
+def test_client_metrics_helper(server):
+    from helpers.client import metrics
+
+    srv, _ = server
+    m = metrics(srv.url)
+    assert m["helpers:num_requests_running"] == 0
+    assert m["helpers:e2e_request_latency_seconds_count"] == sum(
+        v for k, v in m.items() if k == "helpers:request_success_total")
