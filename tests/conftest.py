@@ -70,3 +70,22 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def wait_for_server(proc, url: str, seconds: float = 90, what: str = "the server") -> dict:
+    """Wait until a server started as a subprocess answers ``/health`` with its model loaded;
+    fail with its output if it exits or does not get there in time."""
+    import time
+
+    from helpers.client import wait_until_ready
+
+    deadline = time.monotonic() + seconds
+    while True:
+        if proc.poll() is not None:
+            pytest.fail(f"{what} exited with {proc.returncode} before serving:\n{proc.communicate()[0]}")
+        try:
+            return wait_until_ready(url, timeout=1)
+        except TimeoutError:
+            if time.monotonic() > deadline:
+                proc.kill()
+                pytest.fail(f"{what} did not serve within {seconds:.0f} s:\n{proc.communicate()[0]}")

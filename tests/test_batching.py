@@ -9,7 +9,6 @@ import torch
 
 from helpers.background import start_server
 from helpers.engine import Engine, SamplingParams
-from helpers.loading import LoadedModel
 
 from .conftest import FAMILIES, free_port
 

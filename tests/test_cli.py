@@ -6,15 +6,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import requests
 from openai import OpenAI
 
-from helpers.client import wait_until_ready
 
-from .conftest import FAMILIES, free_port
+from .conftest import FAMILIES, free_port, wait_for_server
 
 
 def _serve(model_dir, port):
@@ -40,16 +38,7 @@ def test_serve_answers_seed_and_openai_clients(tiny_model_dir, family):
     proc = _serve(tiny_model_dir(family), port)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 90
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"server exited:\n{proc.communicate()[0]}")
-            try:
-                wait_until_ready(url, timeout=1)
-                break
-            except TimeoutError:
-                if time.time() > deadline:
-                    pytest.fail(f"server did not start:\n{_stop(proc)}")
+        wait_for_server(proc, url)
 
         # the seed tutorials' requests snippet
         headers = {'Content-Type': 'application/json'}

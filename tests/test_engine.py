@@ -1,7 +1,6 @@
 """Loading and generating with every family's stand-in, through the engine."""
 
 import re
-import threading
 import time
 
 import pytest

@@ -18,13 +18,12 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from xml.etree import ElementTree
 
 import pytest
 
-from .conftest import free_port
+from .conftest import free_port, wait_for_server
 from .test_notebooks import ENVIRONMENT_LESSON, NOTEBOOKS, ROOT, STANDINS, lesson_notebooks, model_of
 
 WRITEFILE = "%%writefile api.py"
@@ -74,7 +73,6 @@ def test_exported_api_py_serves_and_stops(notebook: Path, tmp_path: Path):
     import requests
     from openai import BadRequestError, OpenAI
 
-    from helpers.client import wait_until_ready
     from helpers.download import seed_cache
     from helpers.formats import get_chat_format
     from helpers.registry import MODELS
@@ -98,16 +96,7 @@ def test_exported_api_py_serves_and_stops(notebook: Path, tmp_path: Path):
                             stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"python api.py exited with {proc.returncode} before serving:\n{_stop(proc)[1]}")
-            try:
-                health = wait_until_ready(url, timeout=1)
-                break
-            except TimeoutError:
-                if time.monotonic() > deadline:
-                    pytest.fail(f"python api.py did not serve within 120 s:\n{_stop(proc)[1]}")
+        health = wait_for_server(proc, url, 120, "python api.py")
         assert health["model"] == model and health["status"] == "ok", health
 
         # the seed tutorials' requests snippet, unchanged but for the URL

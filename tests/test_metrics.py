@@ -1,6 +1,5 @@
 """GET /metrics: Prometheus text that a Prometheus parser reads, moving when requests run."""
 
-import threading
 
 import pytest
 import requests

@@ -5,7 +5,6 @@ import asyncio
 import json
 import shutil
 import subprocess
-import threading
 import time
 
 import httpx
