@@ -35,15 +35,20 @@ def ask(prompt: str, history: Sequence[Sequence[str]] | None = None, *, url: str
 
 
 def stream_chat(messages: str | Sequence[dict], *, url: str = DEFAULT_URL, model: str | None = None,
-                timeout: float = 600, **params) -> Iterator[str]:
+                timeout: float = 600, headers: dict | None = None, **params) -> Iterator[str]:
     """Stream an answer from ``/v1/chat/completions``; yields text pieces as they arrive.
-    ``messages`` may be a plain prompt string."""
+    ``messages`` may be a plain prompt string; ``headers`` e.g. ``{"Authorization": "Bearer KEY"}``."""
     if isinstance(messages, str):
         messages = [{"role": "user", "content": messages}]
     base = url.rstrip("/")
-    model = model or requests.get(base + "/v1/models", timeout=30).json()["data"][0]["id"]
+    if model is None:
+        r = requests.get(base + "/v1/models", headers=headers, timeout=30)
+        if r.status_code != 200:
+            raise RuntimeError(f"server answered {r.status_code}: {_error_text(r)}")
+        model = r.json()["data"][0]["id"]
     body = {"model": model, "messages": list(messages), "stream": True, **params}
-    with requests.post(base + "/v1/chat/completions", json=body, stream=True, timeout=timeout) as r:
+    with requests.post(base + "/v1/chat/completions", json=body, stream=True, timeout=timeout,
+                       headers=headers) as r:
         if r.status_code != 200:
             raise RuntimeError(f"server answered {r.status_code}: {_error_text(r)}")
         for line in r.iter_lines(decode_unicode=True):
