@@ -3,8 +3,9 @@
 ``Limits`` holds what a server allows (answer length, prompt length, body size). ``RequestGuard``
 is an ASGI middleware that, in this order:
 
-1. checks the API key (``Authorization: Bearer ...``) on every path but the open ones (``/health``
-   and the docs), when keys are configured;
+1. checks the API key (``Authorization: Bearer ...``) on every path but the open ones (``/health``,
+   the docs, and ``GET /`` with its ``/static/...`` files: the chat page asks for the key), when keys
+   are configured;
 2. for the JSON routes, reads the body up to ``max_body_bytes`` (413 beyond, without reading the
    rest), checks the content type (415 unless JSON; a missing one is read as JSON), that the bytes
    are UTF-8 and parse as JSON, and that no string holds a lone surrogate (400 otherwise);
@@ -48,12 +49,15 @@ ErrorRenderer = Callable[..., Any]
 
 class RequestGuard:
     def __init__(self, app, *, keys: APIKeys, max_body_bytes: int, json_routes: Iterable[tuple[str, str]],
-                 open_paths: Iterable[str], error: ErrorRenderer):
+                 open_paths: Iterable[str], error: ErrorRenderer, open_routes: Iterable[tuple[str, str]] = (),
+                 open_prefixes: Iterable[str] = ()):
         self.app = app
         self.keys = keys
         self.max_body_bytes = max_body_bytes
         self.json_routes = set(json_routes)
         self.open_paths = set(open_paths)
+        self.open_routes = set(open_routes)         # (method, path): open for that method only
+        self.open_prefixes = tuple(open_prefixes)   # GET/HEAD of any path under these is open
         self.error = error
 
     async def __call__(self, scope, receive, send):
@@ -62,7 +66,7 @@ class RequestGuard:
         headers = _headers(scope)
         path, method = scope["path"], scope["method"]
 
-        if self.keys.enabled and path not in self.open_paths:
+        if self.keys.enabled and not self._open(method, path):
             authorization = headers.get("authorization")
             if not self.keys.check(authorization):
                 if bearer_token(authorization) is None:
@@ -148,6 +152,10 @@ class RequestGuard:
             return await receive()  # then wait for the disconnect, as usual
 
         return await self.app(scope, replay, send)
+
+    def _open(self, method: str, path: str) -> bool:
+        return (path in self.open_paths or (method, path) in self.open_routes
+                or (method in ("GET", "HEAD") and bool(self.open_prefixes) and path.startswith(self.open_prefixes)))
 
     async def _fail(self, scope, receive, send, status, message, *, param=None, code=None, headers=None):
         response = self.error(scope, status, message, type_=_type_for(status), param=param, code=code,

@@ -22,11 +22,12 @@ import json
 import re
 import time
 import uuid
+from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
 
 from fastapi import FastAPI, Request, Security
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from fastapi.security import HTTPBearer
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
@@ -42,6 +43,12 @@ GREEDY_BELOW = 1e-5
 MAX_STOP = 4          # stop strings per request (as OpenAI)
 MAX_STOP_CHARS = 200  # characters per stop string
 OPEN_PATHS = ("/health", "/metrics", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json")
+# the chat page (GET /) and its files: open without a key (the page asks for it)
+OPEN_ROUTES = (("GET", "/"), ("HEAD", "/"))
+STATIC_PREFIX = "/static/"
+STATIC_DIR = Path(__file__).resolve().parent / "static"
+STATIC_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
+                ".css": "text/css; charset=utf-8"}
 
 # Strict: "temperature": "0.7" or "stream": "yes" are errors, not guesses; NaN/Infinity are refused.
 REQUEST = ConfigDict(extra="ignore", strict=True, allow_inf_nan=False)
@@ -400,7 +407,8 @@ _MESSAGE_PARAM = re.compile(r"(messages\[\d+\](?:\.\w+)?)")
 def create_app(engine: Engine, *, title: str | None = None, api_keys=None, max_tokens_limit: int | None = None,
                max_prompt_tokens: int | None = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
     """A FastAPI app serving ``engine``'s model: ``POST /`` (seed API), ``GET /health``,
-    ``GET /v1/models`` and ``POST /v1/chat/completions``.
+    ``GET /v1/models`` and ``POST /v1/chat/completions``, and a chat page for the browser at ``GET /``
+    (files in helpers/static, served under ``/static/``; open without a key: the page asks for it).
 
     ``api_keys``: a key or a list of keys (one per student group); when given, every route but
     ``/health`` and the docs needs ``Authorization: Bearer <key>``. ``max_tokens_limit``: the largest
@@ -443,7 +451,7 @@ def create_app(engine: Engine, *, title: str | None = None, api_keys=None, max_t
     app.state.drain = drain
     app.add_middleware(RequestGuard, keys=keys, max_body_bytes=limits.max_body_bytes,
                        json_routes=[("POST", "/"), ("POST", "/v1/chat/completions")], open_paths=OPEN_PATHS,
-                       error=error_response)
+                       open_routes=OPEN_ROUTES, open_prefixes=(STATIC_PREFIX,), error=error_response)
     auth = [Security(HTTPBearer(auto_error=False, description="one of the server's API keys"))] if keys.enabled else []
 
     @app.exception_handler(APIError)
@@ -460,8 +468,8 @@ def create_app(engine: Engine, *, title: str | None = None, api_keys=None, max_t
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException):
         if exc.status_code == 404:
-            message = (f"there is no {request.url.path} here: this server has POST /, GET /health, "
-                       "GET /v1/models and POST /v1/chat/completions")
+            message = (f"there is no {request.url.path} here: this server has POST /, GET / (a chat page), "
+                       "GET /health, GET /v1/models and POST /v1/chat/completions")
         elif exc.status_code == 405:
             message = f"{request.method} is not allowed on {request.url.path}"
             if request.url.path in ("/", "/v1/chat/completions"):
@@ -546,6 +554,24 @@ def create_app(engine: Engine, *, title: str | None = None, api_keys=None, max_t
     def error_responses(*codes: int, seed: bool = False) -> dict:
         model = SeedErrorResponse if seed else ErrorResponse
         return {code: {"model": model} for code in codes}
+
+    def static_file(name: str) -> Response:
+        path = STATIC_DIR / name
+        if name not in static_files or not path.is_file():
+            raise StarletteHTTPException(404)
+        return Response(path.read_bytes(), media_type=STATIC_TYPES[path.suffix],
+                        headers={"Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff"})
+
+    static_files = {p.name for p in STATIC_DIR.glob("*") if p.suffix in STATIC_TYPES} if STATIC_DIR.is_dir() else set()
+
+    @app.get("/", include_in_schema=False)
+    async def chat_page():
+        """The chat page (helpers/static/chat.html): open in a browser at the server's address."""
+        return static_file("chat.html")
+
+    @app.get(STATIC_PREFIX + "{name}", include_in_schema=False)
+    async def static(name: str):
+        return static_file(name)
 
     @app.get("/health", response_model=Health)
     async def health():

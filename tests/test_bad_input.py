@@ -212,8 +212,10 @@ def test_configured_limits(limited):
 def test_wrong_method_and_path(server):
     assert_envelope(requests.get(server.url + "/v1/chat/completions", timeout=10), 405, "POST")
     assert_envelope(requests.get(server.url + "/v1/nothing", timeout=10), 404, "/v1/chat/completions")
-    r = requests.get(server.url, timeout=10)  # a browser opening the address
-    assert r.status_code == 405 and "POST" in r.json()["error"]["message"]
+    r = requests.get(server.url, timeout=10)  # a browser opening the address gets the chat page
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
+    r = requests.put(server.url, json={"prompt": "hi"}, timeout=10)  # the seed route itself is POST only
+    assert r.status_code == 405 and "POST" in r.json()["error"]["message"] and r.json()["status"] == 405
 
 
 def test_tiny_temperature_is_greedy_and_odd_text_is_fine(server):
