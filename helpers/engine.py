@@ -133,9 +133,6 @@ class RequestHandle:
                     self._async_events.put_nowait(event)
             return self._async_events
 
-    def _push(self, event: Event) -> None:
-        _deliver([(self, event)])
-
     # -- consumer side
     def cancel(self) -> None:
         """Stop generating for this request (within a step); its slot is freed."""

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from .formats import ChatFormat, get_chat_format
-from .registry import FAMILIES, ModelSpec, get_spec, spec_for_family
+from .registry import FAMILIES, ModelSpec, spec_for_family
 
 
 class LoadError(RuntimeError):
@@ -127,8 +127,7 @@ def detect_family(path: str | os.PathLike) -> str:
 
 
 def _require_modules(spec: ModelSpec | None) -> None:
-    missing = [m for m in (spec.requires if spec else ()) if importlib.util.find_spec(m.split(".")[0]) is None
-               or (("." in m) and _missing_submodule(m))]
+    missing = [m for m in (spec.requires if spec else ()) if _missing_module(m)]
     if missing:
         pkgs = {"google.protobuf": "protobuf"}
         names = " ".join(pkgs.get(m, m) for m in missing)
@@ -136,7 +135,8 @@ def _require_modules(spec: ModelSpec | None) -> None:
                         "(or `pip install -r requirements.txt`) and restart the kernel")
 
 
-def _missing_submodule(name: str) -> bool:
+def _missing_module(name: str) -> bool:
+    """True if ``name`` (dotted names too: its parents are looked up first) cannot be imported."""
     try:
         return importlib.util.find_spec(name) is None
     except ModuleNotFoundError:
@@ -264,10 +264,3 @@ def _has_remote_code(path: str) -> bool:
         if f.exists() and "auto_map" in json.loads(f.read_text(encoding="utf-8")):
             return True
     return False
-
-
-def resolve_spec(model: str) -> ModelSpec | None:
-    try:
-        return get_spec(model)
-    except KeyError:
-        return None
