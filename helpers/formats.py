@@ -156,7 +156,7 @@ class ChatFormat:
         if self.merge_text and not _is_tiktoken_qwen(tokenizer):
             # The vendor tokenizes the whole prompt string in one call: do the same, and keep the
             # result if the message content added no control token to those of the template.
-            ids = list(tokenizer.encode(self._join(segs), add_special_tokens=False))
+            ids = _encode_raw(tokenizer, self._join(segs), split_special_tokens=False)
             if [i for i in ids if i in protected] == template_ids:
                 return bos + ids
         return bos + self._encode_pieces(tokenizer, segs, protected)
@@ -397,12 +397,27 @@ def single_token_id(tokenizer, token: str) -> int | None:
     return int(tid)
 
 
+def _encode_raw(tokenizer, text: str, *, split_special_tokens: bool) -> list[int]:
+    """``tokenizer.encode(text, add_special_tokens=False, split_special_tokens=...)``. For a fast
+    tokenizer, the Rust backend is called directly, as ``PreTrainedTokenizerFast`` itself does:
+    the same ids, without the Python wrapper that costs far more than the encoding (the server
+    encodes every prompt on its event loop)."""
+    from transformers import PreTrainedTokenizerFast
+
+    if isinstance(tokenizer, PreTrainedTokenizerFast):
+        backend = tokenizer._tokenizer
+        if backend.encode_special_tokens != split_special_tokens:
+            backend.encode_special_tokens = split_special_tokens
+        return backend.encode(text, add_special_tokens=False).ids
+    return list(tokenizer.encode(text, add_special_tokens=False, split_special_tokens=split_special_tokens))
+
+
 def _encode_text(tokenizer, text: str) -> list[int]:
     if not text:
         return []
     if _is_tiktoken_qwen(tokenizer):
         return list(tokenizer.encode(text, allowed_special=set(), disallowed_special=()))
-    return list(tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True))
+    return _encode_raw(tokenizer, text, split_special_tokens=True)
 
 
 def encode_plain(tokenizer, text: str, protected: set[int] | None = None) -> list[int]:
