@@ -82,7 +82,7 @@ def cmd_serve(args) -> int:
         try:
             loaded = load_model(path, device=args.device, dtype=args.dtype, family=args.family)
             engine = Engine(loaded, max_queue=args.max_queue, max_batch=args.max_batch,
-                            kv_budget_tokens=args.kv_budget).start()
+                            kv_budget_tokens=args.kv_budget, stream_interval=args.stream_interval).start()
             engines.append(engine)
             gate.ready(create_app(engine, api_keys=keys, max_tokens_limit=args.max_tokens_limit,
                                   max_prompt_tokens=args.max_prompt_tokens, max_body_bytes=args.max_body_bytes))
@@ -178,6 +178,9 @@ def main(argv=None) -> int:
         p.add_argument("--max-batch", type=int, default=16, help="requests generated together (1 = one at a time)")
         p.add_argument("--kv-budget", type=int, default=None,
                        help="KV-cache tokens the batch may hold (default: from free GPU memory; no limit on CPU)")
+        p.add_argument("--stream-interval", type=float, default=0.02, metavar="SECONDS",
+                       help="new text may wait this long to join the next streamed chunk (0: every token "
+                            "on its own; default 0.02, below a 7B model's step on a GPU)")
 
     p = sub.add_parser("serve", help="serve a model on HTTP (seed API + OpenAI API)")
     p.add_argument("--model", required=True, help="registry name, ModelScope id, local folder or tiny:FAMILY")

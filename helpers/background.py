@@ -153,13 +153,14 @@ class BackgroundServer:
 def start_server(model, host: str = "0.0.0.0", port: int = 6006, *, timeout: float = 30.0,
                  max_queue: int = 64, max_batch: int = 16, log_level: str = "warning", api_keys=None,
                  max_tokens_limit: int | None = None, max_prompt_tokens: int | None = None,
-                 max_body_bytes: int | None = None) -> BackgroundServer:
+                 max_body_bytes: int | None = None, stream_interval: float = 0.02) -> BackgroundServer:
     """Serve a loaded model (``helpers.load_model(...)``), a running ``Engine``, or a ready FastAPI
     app in the background.
 
     ``api_keys`` (a key or a list, one per student group) makes every route but ``/health`` need
     ``Authorization: Bearer <key>``; ``max_tokens_limit``, ``max_prompt_tokens`` and
     ``max_body_bytes`` limit what a request may ask for (see ``helpers.server.create_app``).
+    ``stream_interval``: seconds new text may wait to join the next streamed chunk (see ``Engine``).
 
     Returns the running ``BackgroundServer``; ``server.url`` is where to call it from this machine,
     ``server.stop()`` shuts it down (and the engine too when it was made here);
@@ -179,7 +180,7 @@ def start_server(model, host: str = "0.0.0.0", port: int = 6006, *, timeout: flo
     owned = None
     app = model
     if hasattr(model, "chat_format"):  # a LoadedModel: the server gets its own engine
-        owned = Engine(model, max_queue=max_queue, max_batch=max_batch).start()
+        owned = Engine(model, max_queue=max_queue, max_batch=max_batch, stream_interval=stream_interval).start()
         app = create_app(owned, **options)
     elif isinstance(model, Engine):
         app = create_app(model.start(), **options)

@@ -10,7 +10,9 @@ from .conftest import free_port
 
 @pytest.fixture(scope="module")
 def server(tiny_loaded):
-    srv = start_server(tiny_loaded("internlm2"), host="127.0.0.1", port=free_port(), api_keys=["group-1-key"])
+    # every token streamed on its own: the stand-in writes a whole answer within one default interval
+    srv = start_server(tiny_loaded("internlm2"), host="127.0.0.1", port=free_port(), api_keys=["group-1-key"],
+                       stream_interval=0)
     yield srv
     srv.stop()
 
