@@ -682,9 +682,6 @@ async def _coalesced(handle):
             more = queue.get_nowait()
             text += more.text
             finish, error = more.finish_reason, more.error
-        if finish is not None and text:
-            yield Event(text=text)
-            text = ""
         yield Event(text=text, finish_reason=finish, error=error)
         if finish is not None:
             return
@@ -721,32 +718,37 @@ async def _sse(handle, completion_id: str, created: int, model: str, include_usa
             body["usage"] = usage
         return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
-    # a content chunk is this template around the JSON-encoded text (one is sent per token)
+    # a content chunk is this template around the JSON-encoded text
     head, tail = chunk({"content": "\0"}).split('"\\u0000"')
 
+    # What is ready at one moment goes out in one write: the role chunk with the first text, the
+    # last text with the finish chunk, the usage and [DONE] (fewer sends for the event loop).
+    out = chunk({"role": "assistant", "content": ""})
     try:
-        yield chunk({"role": "assistant", "content": ""})
         try:
             async for event in _coalesced(handle):
                 if event.text:
-                    yield head + json.dumps(event.text, ensure_ascii=False) + tail
+                    out += head + json.dumps(event.text, ensure_ascii=False) + tail
                 if event.finish_reason is None:
+                    if out:
+                        yield out
+                        out = ""
                     continue
                 if event.finish_reason == "error":
-                    yield _error_event(_failure(event.error or "generation failed"))
+                    out += _error_event(_failure(event.error or "generation failed"))
                     break
                 if event.finish_reason == "cancelled":  # not by this client: it is still reading
-                    yield _error_event(_shutting_down())
+                    out += _error_event(_shutting_down())
                     break
                 usage = {"prompt_tokens": handle.prompt_tokens, "completion_tokens": handle.completion_tokens,
                          "total_tokens": handle.prompt_tokens + handle.completion_tokens}
-                yield chunk({}, _openai_finish(event.finish_reason), None if include_usage else usage)
+                out += chunk({}, _openai_finish(event.finish_reason), None if include_usage else usage)
                 if include_usage:
-                    yield chunk({}, usage=usage, choices=False)
+                    out += chunk({}, usage=usage, choices=False)
         except Exception as exc:  # the response has started: the error goes into the stream
-            yield _error_event(APIError(500, f"internal error ({type(exc).__name__}): try again",
-                                        "server_error"))
-        yield "data: [DONE]\n\n"
+            out += _error_event(APIError(500, f"internal error ({type(exc).__name__}): try again",
+                                         "server_error"))
+        yield out + "data: [DONE]\n\n"
     finally:
         handle.cancel()  # the client disconnected (or we are done): stop generating
         inflight.discard(handle)
