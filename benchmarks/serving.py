@@ -95,13 +95,13 @@ def seed(model_dir, port):
 # --------------------------------------------------------------------------- clients
 
 
-def ask_ours(url, model, prompt, tokens):
+def ask_ours(http, url, model, prompt, tokens):
     t0 = time.perf_counter()
     first = None
     n = 0
     body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": tokens,
             "temperature": 0, "stream": True, "ignore_eos": True, "stream_options": {"include_usage": True}}
-    with requests.post(url + "/v1/chat/completions", json=body, stream=True, timeout=600) as r:
+    with http.post(url + "/v1/chat/completions", json=body, stream=True, timeout=600) as r:
         r.raise_for_status()
         for line in r.iter_lines():
             if not line.startswith(b"data: ") or line == b"data: [DONE]":
@@ -114,15 +114,17 @@ def ask_ours(url, model, prompt, tokens):
     return n, first, time.perf_counter() - t0
 
 
-def ask_seed(url, model, prompt, tokens):
+def ask_seed(http, url, model, prompt, tokens):
     t0 = time.perf_counter()
-    r = requests.post(url, json={"prompt": prompt, "history": [], "max_length": tokens}, timeout=600)
+    r = http.post(url, json={"prompt": prompt, "history": [], "max_length": tokens}, timeout=600)
     r.raise_for_status()
     elapsed = time.perf_counter() - t0
     return r.json()["tokens"], elapsed, elapsed  # no streaming: the first token comes with the last
 
 
 def load(url, ask, model, clients, per_client, tokens):
+    """``clients`` threads, each sending ``per_client`` requests back to back on its own
+    keep-alive connection, while another thread polls ``/health``."""
     results, errors = [], []
     health = []
     stop = threading.Event()
@@ -138,11 +140,12 @@ def load(url, ask, model, clients, per_client, tokens):
             time.sleep(0.02)
 
     def client(i):
-        for j in range(per_client):
-            try:
-                results.append(ask(url, model, prompts(clients * per_client)[i * per_client + j], tokens))
-            except Exception as exc:  # noqa: BLE001
-                errors.append(exc)
+        with requests.Session() as http:  # one keep-alive connection per client, like the openai client
+            for j in range(per_client):
+                try:
+                    results.append(ask(http, url, model, prompts(clients * per_client)[i * per_client + j], tokens))
+                except Exception as exc:  # noqa: BLE001
+                    errors.append(exc)
 
     poller = threading.Thread(target=poll, daemon=True)
     threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
@@ -226,7 +229,8 @@ def run(size, clients_list, per_client, tokens, runs):
             "model": model, "messages": [{"role": "user", "content": "warm up"}], "max_tokens": 4}).raise_for_status()
         mine = {c: median_of(runs, lambda c=c: load(server.url, ask_ours, model, c, per_client, tokens))
                 for c in clients_list}
-        lone = median_of(max(runs, 3), lambda: {"lat": ask_ours(server.url, model, prompts(1)[0], tokens)[2]})
+        with requests.Session() as http:
+            lone = median_of(max(runs, 3), lambda: {"lat": ask_ours(http, server.url, model, prompts(1)[0], tokens)[2]})
         ours_rss = peak_rss_mb(server.proc.pid)
     finally:
         server.stop()
