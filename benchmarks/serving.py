@@ -8,12 +8,37 @@ load, for
   (a) ours:    ``python -m helpers serve`` (continuous batching), streaming clients;
   (b) seed:    benchmarks/seed_server.py (``async def`` endpoint calling generate());
   (c) ceiling: the same requests as one offline batched ``generate()`` call, no server;
+  (d) optional, with ``--transformers-serve PYTHON`` (or ``HF_SERVE_PYTHON``): ``transformers serve
+      --continuous-batching`` (paged attention), streaming clients, on the same stand-in;
 
-plus a lone request through our server against a bare ``generate()``. Both servers run in their
+plus a lone request through our server against a bare ``generate()``. Every server runs in its
 own process with one torch thread; the clients run here. Everything is loopback only.
 
     python benchmarks/serving.py                 # the tiny stand-in and the bench stand-in
     python benchmarks/serving.py --size bench --clients 8 --runs 1
+
+Column (d) needs a newer transformers than the project's pinned 4.48.3, so it lives in a venv of
+its own; make it once with (the CPU torch 2.13.0 first, then the pinned transformers[serving])
+
+    bash benchmarks/setup_transformers_serve.sh /work/tsvenv
+    python benchmarks/serving.py --transformers-serve /work/tsvenv/bin/python   # or .../bin/transformers
+
+How (d) is run, so that it does the same work as (a):
+
+* the stand-in is copied to a sibling folder ``<stand-in>-hfserve`` whose tokenizer_config.json
+  gets the ChatML chat template (the stand-ins ship none), with Qwen's default system prompt: the
+  prompt token ids are the ones our server builds for the "qwen" family;
+* ``transformers serve <that folder> --continuous-batching --device cpu --dtype float32
+  --cb-num-blocks N`` (the model is preloaded; without ``--cb-num-blocks`` the KV cache takes 60%
+  of the free RAM on CPU), ``OMP_NUM_THREADS=1``, ``HF_HUB_OFFLINE=1``; its log goes to a file;
+* requests name the model by that folder's path; ``ignore_eos`` is refused there (422), so each
+  request carries a ``generation_config`` field instead, the JSON string
+  ``{"eos_token_id": -1, "do_sample": false}`` (-1 = no EOS: every answer is --tokens long);
+  tokens are counted from ``usage``, which it puts on the last chunk (it ignores
+  ``stream_options``);
+* its continuous batching drops ``repetition_penalty`` (our server applies the stand-in's 1.1), and
+  it is initialised with the first request's generation settings, so a warm-up request with the
+  same settings goes first; ``GET /health`` exists there too and is polled the same way.
 """
 
 from __future__ import annotations
@@ -21,6 +46,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import socket
 import statistics
 import subprocess
@@ -58,14 +84,23 @@ def pct(values, q):
 
 
 class Server:
-    def __init__(self, cmd, port):
-        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    """A server in its own process. ``log``: a file for its stderr instead of a pipe (transformers
+    serve logs a line per request: a pipe nobody reads would fill up and stall it)."""
+
+    def __init__(self, cmd, port, *, env=None, log=None, start_timeout=120):
+        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), **(env or {}))
         self.url = f"http://127.0.0.1:{port}"
-        self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        deadline = time.time() + 120
+        self.log = log
+        stderr = subprocess.PIPE if log is None else open(log, "w")  # noqa: SIM115
+        try:
+            self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=stderr, text=True)
+        finally:
+            if log is not None:
+                stderr.close()
+        deadline = time.time() + start_timeout
         while time.time() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited: {self.proc.stderr.read()}")
+                raise RuntimeError(f"server exited: {self.errors()}")
             try:
                 r = requests.get(self.url + "/health", timeout=1)
                 if r.status_code == 200 and r.json().get("status") == "ok":
@@ -73,7 +108,13 @@ class Server:
             except requests.RequestException:
                 pass
             time.sleep(0.2)
-        raise RuntimeError("server did not start")
+        self.stop()
+        raise RuntimeError(f"server did not start: {self.errors()[-2000:]}")
+
+    def errors(self) -> str:
+        if self.log is None:
+            return self.proc.stderr.read() if self.proc.poll() is not None else ""
+        return Path(self.log).read_text(errors="replace")
 
     def stop(self):
         self.proc.terminate()
@@ -90,6 +131,63 @@ def ours(model_dir, port, max_batch=16):
 
 def seed(model_dir, port):
     return Server([sys.executable, str(ROOT / "benchmarks" / "seed_server.py"), str(model_dir), str(port)], port)
+
+
+# ChatML as our "qwen" format writes it (QwenFormat in helpers/formats.py): Qwen's default system
+# prompt unless the conversation starts with a system message.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}"
+    "{{ '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+# Per-request settings for transformers serve: no EOS (-1), greedy. Its continuous batching takes
+# the sampling settings of the first request it sees, so the warm-up request sends the same.
+HF_GENERATION_CONFIG = json.dumps({"eos_token_id": -1, "do_sample": False})
+
+
+def hf_model_dir(model_dir) -> Path:
+    """A copy of a stand-in folder beside it (``<name>-hfserve``) with the ChatML chat template in
+    tokenizer_config.json: transformers serve renders prompts with the tokenizer's chat template."""
+    model_dir = Path(model_dir)
+    target = model_dir.with_name(model_dir.name + "-hfserve")
+    shutil.rmtree(target, ignore_errors=True)
+    shutil.copytree(model_dir, target)
+    config_file = target / "tokenizer_config.json"
+    config = json.loads(config_file.read_text(encoding="utf-8"))
+    config["chat_template"] = CHATML_TEMPLATE
+    config_file.write_text(json.dumps(config, indent=2, ensure_ascii=False), encoding="utf-8")
+    return target
+
+
+def hf_cli(executable) -> list[str]:
+    """The command that runs the ``transformers`` CLI: the venv's ``transformers`` script itself, or
+    its python running the CLI's entry point."""
+    if Path(executable).name.startswith("python"):
+        return [str(executable), "-c", "import sys; from transformers.cli.transformers import main; "
+                "sys.argv[0] = 'transformers'; sys.exit(main())"]
+    return [str(executable)]
+
+
+def hf_version(executable) -> str:
+    out = subprocess.run([*hf_cli(executable), "version"], capture_output=True, text=True, timeout=120,
+                         env=dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1"))
+    if out.returncode != 0:
+        raise RuntimeError(f"{executable} cannot run the transformers CLI: {out.stderr.strip()[-2000:]}")
+    return out.stdout.strip().splitlines()[-1]
+
+
+def hf_serve(model_dir, port, executable, num_blocks=64):
+    """``transformers serve`` with continuous batching on the CPU in float32, the model preloaded.
+    It only listens once the model is loaded, so /health answering means ready (a longer timeout
+    than ours: importing transformers 5 and its server takes a while)."""
+    log = Path(tempfile.gettempdir()) / f"hfserve-{port}.log"
+    return Server([*hf_cli(executable), "serve", str(model_dir), "--continuous-batching", "--device", "cpu",
+                   "--dtype", "float32", "--cb-num-blocks", str(num_blocks), "--host", "127.0.0.1",
+                   "--port", str(port), "--log-level", "warning"], port,
+                  env={"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}, log=log, start_timeout=300)
 
 
 # --------------------------------------------------------------------------- clients
@@ -112,6 +210,32 @@ def ask_ours(http, url, model, prompt, tokens):
             if first is None and chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
                 first = time.perf_counter() - t0
     return n, first, time.perf_counter() - t0
+
+
+def ask_hf(http, url, model, prompt, tokens):
+    """Like ask_ours for transformers serve: the model is the served folder's path, EOS is turned
+    off through ``generation_config``, the token count is the usage on its last chunk (if a stream
+    had none, the content chunks are counted)."""
+    t0 = time.perf_counter()
+    first = None
+    n = chunks = 0
+    body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": tokens,
+            "temperature": 0, "stream": True, "generation_config": HF_GENERATION_CONFIG}
+    with http.post(url + "/v1/chat/completions", json=body, stream=True, timeout=600) as r:
+        r.raise_for_status()
+        for line in r.iter_lines():
+            if not line.startswith(b"data: ") or line == b"data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if "error" in chunk:
+                raise RuntimeError(f"transformers serve: {chunk['error']}")
+            if chunk.get("usage"):
+                n = chunk["usage"]["completion_tokens"]
+            if chunk.get("choices") and chunk["choices"][0]["delta"].get("content"):
+                chunks += 1
+                if first is None:
+                    first = time.perf_counter() - t0
+    return n or chunks, first, time.perf_counter() - t0
 
 
 def ask_seed(http, url, model, prompt, tokens):
@@ -216,7 +340,8 @@ def peak_rss_mb(pid) -> float:
     return float("nan")
 
 
-def run(size, clients_list, per_client, tokens, runs):
+def run(size, clients_list, per_client, tokens, runs, hf=None, hf_num_blocks=64):
+    """``hf``: the python (or ``transformers`` script) of a venv with transformers serve, for (d)."""
     from helpers.tiny import build_tiny
 
     model_dir = build_tiny("qwen", Path(tempfile.gettempdir()) / f"helpers-bench-{size}", size=size)
@@ -241,23 +366,53 @@ def run(size, clients_list, per_client, tokens, runs):
         seed_rss = peak_rss_mb(server.proc.pid)
     finally:
         server.stop()
+    if hf:
+        hf_dir = hf_model_dir(model_dir)
+        server = hf_serve(hf_dir, free_port(), hf, num_blocks=hf_num_blocks)
+        try:
+            ask_hf(requests, server.url, str(hf_dir), "warm up", 4)  # also starts its batching with these settings
+            hfs = {c: median_of(runs, lambda c=c: load(server.url, ask_hf, str(hf_dir), c, per_client, tokens))
+                   for c in clients_list}
+            hf_rss = peak_rss_mb(server.proc.pid)
+        finally:
+            server.stop()
 
     print(f"\n## {size} stand-in (Qwen2-shaped), {tokens} new tokens per request, "
           f"{per_client} requests per client, median of {runs} runs\n")
-    print("| clients | ours tok/s | seed tok/s | offline tok/s | ours/seed | ours/offline | ours TTFT | seed TTFT "
-          "| ours p50 / p99 | seed p50 / p99 | ours /health p99 | seed /health p99 |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for c in clients_list:
-        m, s, o = mine[c], theirs[c], ceilings[c]
-        print(f"| {c} | {m['tok_s']:.0f} | {s['tok_s']:.0f} | {o['tok_s']:.0f} | {m['tok_s'] / s['tok_s']:.1f}x "
-              f"| {m['tok_s'] / o['tok_s']:.2f}x | {m['ttft'] * 1000:.0f} ms | {s['ttft'] * 1000:.0f} ms "
-              f"| {m['p50'] * 1000:.0f} / {m['p99'] * 1000:.0f} ms | {s['p50'] * 1000:.0f} / {s['p99'] * 1000:.0f} ms "
-              f"| {m['health_p99'] * 1000:.1f} ms | {s['health_p99'] * 1000:.0f} ms |")
+    if not hf:
+        print("| clients | ours tok/s | seed tok/s | offline tok/s | ours/seed | ours/offline | ours TTFT | seed TTFT "
+              "| ours p50 / p99 | seed p50 / p99 | ours /health p99 | seed /health p99 |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+        for c in clients_list:
+            m, s, o = mine[c], theirs[c], ceilings[c]
+            print(f"| {c} | {m['tok_s']:.0f} | {s['tok_s']:.0f} | {o['tok_s']:.0f} | {m['tok_s'] / s['tok_s']:.1f}x "
+                  f"| {m['tok_s'] / o['tok_s']:.2f}x | {m['ttft'] * 1000:.0f} ms | {s['ttft'] * 1000:.0f} ms "
+                  f"| {m['p50'] * 1000:.0f} / {m['p99'] * 1000:.0f} ms "
+                  f"| {s['p50'] * 1000:.0f} / {s['p99'] * 1000:.0f} ms "
+                  f"| {m['health_p99'] * 1000:.1f} ms | {s['health_p99'] * 1000:.0f} ms |")
+    else:
+        print(f"(d) hf = transformers serve (CB): transformers {hf_version(hf)}, --continuous-batching "
+              f"--cb-num-blocks {hf_num_blocks}, float32 on the CPU, no EOS via generation_config; "
+              "its /health polled like ours\n")
+        print("| clients | ours tok/s | seed tok/s | offline tok/s | hf tok/s | ours/seed | ours/offline | ours/hf "
+              "| ours TTFT | seed TTFT | hf TTFT | ours p50 / p99 | seed p50 / p99 | hf p50 / p99 "
+              "| ours /health p99 | seed /health p99 | hf /health p99 |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+        for c in clients_list:
+            m, s, o, h = mine[c], theirs[c], ceilings[c], hfs[c]
+            print(f"| {c} | {m['tok_s']:.0f} | {s['tok_s']:.0f} | {o['tok_s']:.0f} | {h['tok_s']:.0f} "
+                  f"| {m['tok_s'] / s['tok_s']:.1f}x | {m['tok_s'] / o['tok_s']:.2f}x | {m['tok_s'] / h['tok_s']:.2f}x "
+                  f"| {m['ttft'] * 1000:.0f} ms | {s['ttft'] * 1000:.0f} ms | {h['ttft'] * 1000:.0f} ms "
+                  f"| {m['p50'] * 1000:.0f} / {m['p99'] * 1000:.0f} ms "
+                  f"| {s['p50'] * 1000:.0f} / {s['p99'] * 1000:.0f} ms "
+                  f"| {h['p50'] * 1000:.0f} / {h['p99'] * 1000:.0f} ms "
+                  f"| {m['health_p99'] * 1000:.1f} ms | {s['health_p99'] * 1000:.0f} ms "
+                  f"| {h['health_p99'] * 1000:.1f} ms |")
     bare = ceilings[clients_list[0]]["lone"]
     print(f"\nLone request: {lone['lat'] * 1000:.0f} ms through our server (streaming) vs {bare * 1000:.0f} ms "
           f"for a bare generate() ({lone['lat'] / bare:.2f}x). Peak memory (RSS): ours {ours_rss:.0f} MB, "
-          f"seed-style {seed_rss:.0f} MB.")
-    rows.append((size, mine, theirs, ceilings))
+          f"seed-style {seed_rss:.0f} MB" + (f", transformers serve {hf_rss:.0f} MB." if hf else "."))
+    rows.append((size, mine, theirs, ceilings) + ((hfs,) if hf else ()))
     return rows
 
 
@@ -268,11 +423,19 @@ def main():
     parser.add_argument("--requests", type=int, default=2, help="requests per client")
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--transformers-serve", metavar="PYTHON", default=os.environ.get("HF_SERVE_PYTHON") or None,
+                        help="python (or transformers script) of a venv with transformers serve: adds column (d); "
+                             "default: $HF_SERVE_PYTHON, else off (make one: benchmarks/setup_transformers_serve.sh)")
+    parser.add_argument("--hf-cb-num-blocks", type=int, default=64,
+                        help="KV-cache blocks (256 tokens each) for transformers serve's continuous batching")
     args = parser.parse_args()
     clients = [int(c) for c in args.clients.split(",")]
+    if args.transformers_serve:
+        hf_version(args.transformers_serve)  # fail now, not after the other columns ran
     print(f"# serving benchmark ({os.cpu_count()} CPUs, OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']})")
     for size in (["tiny", "bench"] if args.size == "both" else [args.size]):
-        run(size, clients, args.requests, args.tokens, args.runs)
+        run(size, clients, args.requests, args.tokens, args.runs, hf=args.transformers_serve,
+            hf_num_blocks=args.hf_cb_num_blocks)
 
 
 if __name__ == "__main__":
