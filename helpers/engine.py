@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import queue
+import random
 import threading
 import time
 import traceback
@@ -278,8 +279,6 @@ class _Sequence:
     """One running request inside the batch."""
 
     def __init__(self, handle: RequestHandle, engine: "Engine"):
-        import torch
-
         self.handle = handle
         self.params = handle.params
         self.prompt = list(handle._prompt_ids)
@@ -288,12 +287,10 @@ class _Sequence:
         self.detok = _Detokenizer(engine.loaded.tokenizer, list(fmt.stop_strings) + list(self.params.stop))
         timeout = self.params.timeout or engine.default_timeout
         self.deadline = handle.created + timeout if timeout else None
-        self.generator = None
-        if not self.params.greedy:
-            self.generator = torch.Generator(device=engine.device)
-            self.generator.manual_seed(self.params.seed if self.params.seed is not None
-                                       else int.from_bytes(uuid.uuid4().bytes[:6], "little"))
-        self.seen: Any = None  # token ids for the repetition penalty (tensor, on the model's device)
+        # its own random numbers (one uniform draw per sampled token): a seed gives the same answer
+        # whatever else runs in the batch
+        self.rng = random.Random(self.params.seed if self.params.seed is not None
+                                 else int.from_bytes(uuid.uuid4().bytes[:8], "little"))
         self.reserved = len(self.prompt) + self.params.max_new_tokens  # KV tokens it may need
         self.pending = ""        # text generated but not handed to the reader yet
         self.flushed = 0.0       # when text was last handed over (0: never)
@@ -304,43 +301,48 @@ class _Sequence:
         return len(self.prompt) + len(self.generated)
 
 
-def _sample(logits, seqs: Sequence[_Sequence], device):
-    """Next token per row: repetition penalty, then greedy or temperature/top-k/top-p sampling,
-    each row with its own settings (and its own random generator)."""
+def _sample(logits, seqs: Sequence[_Sequence], seen):
+    """Next token per row, for the whole batch at once, each row with its own settings:
+    repetition penalty (``seen``: a rows x vocabulary mask of the ids in each row's prompt and
+    answer so far), then greedy, or temperature, top-k and top-p sampling with the row's own
+    random numbers. The same filters as transformers' logits processors, in the same order."""
     import torch
 
     if logits.dtype == torch.float16:
         # fp16 overflow shows up as inf/nan: never pick those (one op, no device sync)
         logits = torch.nan_to_num(logits.float(), nan=float("-inf"), posinf=float("-inf"))
-    if all(s.params.greedy and s.params.repetition_penalty == 1.0 for s in seqs):
+    params = [s.params for s in seqs]
+    penalized = any(p.repetition_penalty != 1.0 for p in params)
+    if not penalized and all(p.greedy for p in params):
         return logits.argmax(-1).tolist()
     logits = logits.float()
-    out = []
-    for i, seq in enumerate(seqs):
-        row = logits[i]
-        p = seq.params
-        if p.repetition_penalty != 1.0:
-            if seq.seen is None:
-                seq.seen = torch.tensor(seq.prompt + seq.generated, dtype=torch.long, device=device)
-            score = row.gather(0, seq.seen)
-            score = torch.where(score < 0, score * p.repetition_penalty, score / p.repetition_penalty)
-            row = row.scatter(0, seq.seen, score)
-        if p.greedy:
-            out.append(int(row.argmax()))
-            continue
-        row = row / p.temperature
-        if p.top_k and p.top_k > 0:
-            kth = torch.topk(row, min(p.top_k, row.shape[-1])).values[-1]
-            row = row.masked_fill(row < kth, float("-inf"))
-        if p.top_p < 1.0:
-            sorted_logits, order = torch.sort(row, descending=False)
-            cumulative = sorted_logits.softmax(-1).cumsum(-1)
-            remove = cumulative <= (1 - p.top_p)
-            remove[-1] = False  # keep at least one token
-            row = row.masked_fill(remove.scatter(0, order, remove), float("-inf"))
-        probs = row.softmax(-1)
-        out.append(int(torch.multinomial(probs, 1, generator=seq.generator)))
-    return out
+    device = logits.device
+    if penalized:
+        penalty = torch.tensor([p.repetition_penalty for p in params], device=device).unsqueeze(1)
+        scored = torch.where(logits < 0, logits * penalty, logits / penalty)
+        logits = torch.where(seen, scored, logits)
+    out = logits.argmax(-1)
+    rows = [i for i, p in enumerate(params) if not p.greedy]
+    if rows:
+        x = logits if len(rows) == len(params) else logits[rows]
+        vocab = x.shape[-1]
+        x = x / torch.tensor([params[i].temperature for i in rows], device=device).unsqueeze(1)
+        x, order = x.sort(-1, descending=True)
+        top_k = [params[i].top_k if params[i].top_k and params[i].top_k > 0 else vocab for i in rows]
+        if min(top_k) < vocab:
+            ranks = torch.arange(vocab, device=device)
+            x = x.masked_fill(ranks >= torch.tensor(top_k, device=device).unsqueeze(1), float("-inf"))
+        probs = x.softmax(-1)
+        top_p = [params[i].top_p for i in rows]
+        if min(top_p) < 1.0:
+            # keep a token while the more likely ones hold less than top_p (the first is always kept)
+            before = probs.cumsum(-1) - probs
+            probs = probs.masked_fill(before >= torch.tensor(top_p, device=device).unsqueeze(1), 0.0)
+        cdf = probs.cumsum(-1)
+        draws = torch.tensor([seqs[i].rng.random() for i in rows], device=device, dtype=cdf.dtype)
+        picked = torch.searchsorted(cdf, (draws * cdf[:, -1]).unsqueeze(1), right=True).clamp_(max=vocab - 1)
+        out[rows] = order.gather(1, picked).squeeze(1)
+    return out.tolist()
 
 
 class Engine:
@@ -373,6 +375,7 @@ class Engine:
         self._tokenizer_lock = threading.Lock()
         self._batch: list[_Sequence] = []
         self._cache = None  # BatchCache of the running batch
+        self._seen = None   # rows x vocabulary: ids each running request has seen (repetition penalty)
         self._seq_dim: int | None = None
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
@@ -591,14 +594,18 @@ class Engine:
             if self._seq_dim is None:
                 self._seq_dim = detect_seq_dim(past, width, FAMILY_SEQ_DIM.get(self.loaded.family, 2))
             cache = BatchCache.from_model(past, mask, self._seq_dim)
-            tokens = _sample(logits, seqs, self.device)
+            seen = torch.zeros(logits.shape, dtype=torch.bool, device=logits.device)
+            seen[mask.nonzero(as_tuple=True)[0], ids[mask.bool()]] = True
+            tokens = _sample(logits, seqs, seen)
+            seen[torch.arange(len(seqs), device=seen.device), torch.tensor(tokens, device=seen.device)] = True
         except Exception as exc:  # these requests fail; the running batch goes on
             self._fail(seqs, exc)
             return
         if self._cache is None or not self._batch:
-            self._cache = cache
+            self._cache, self._seen = cache, seen
         else:
             self._cache.merge(cache)
+            self._seen = torch.cat([self._seen, seen])
         self._batch.extend(seqs)
         self.stats["peak_batch"] = max(self.stats["peak_batch"], len(self._batch))
         events: list = []
@@ -617,12 +624,14 @@ class Engine:
             logits, past = self._forward(last, mask, positions, cache.to_model())
         except Exception as exc:  # a fault in the shared step fails the whole batch
             self._fail(list(seqs), exc)
-            self._batch, self._cache = [], None
+            self._batch, self._cache, self._seen = [], None, None
             _free_cuda_cache()
             return
         cache.update(past, mask)
         self.stats["steps"] += 1
-        tokens = _sample(logits, seqs, self.device)
+        tokens = _sample(logits, seqs, self._seen)
+        self._seen[torch.arange(len(seqs), device=self._seen.device),
+                   torch.tensor(tokens, device=self._seen.device)] = True
         events: list = []
         done = self._advance(seqs, tokens, events)
         self._retire(done)
@@ -638,10 +647,6 @@ class Engine:
             if handle.first_token is None:
                 handle.first_token = now
             seq.generated.append(token)
-            if seq.seen is not None:
-                import torch
-
-                seq.seen = torch.cat([seq.seen, seq.seen.new_tensor([token])])
             handle.completion_tokens = len(seq.generated)
             reason = None
             if token in stop_ids and not seq.params.ignore_eos:
@@ -681,9 +686,10 @@ class Engine:
         keep = [i for i in range(len(self._batch)) if i not in set(finished)]
         self._batch = [self._batch[i] for i in keep]
         if not self._batch:
-            self._cache = None
+            self._cache = self._seen = None
             return
         self._cache.keep(keep)
+        self._seen = self._seen[keep]
 
     def _fail(self, seqs: Sequence[_Sequence], exc: BaseException) -> None:
         traceback.print_exception(exc)
@@ -696,7 +702,7 @@ class Engine:
         _free_cuda_cache()
 
     def _fail_batch(self, message: str) -> None:
-        seqs, self._batch, self._cache = self._batch, [], None
+        seqs, self._batch, self._cache, self._seen = self._batch, [], None, None
         seqs = [s for s in seqs if not s.handle.done]
         now = time.time()
         for seq in seqs:

@@ -33,28 +33,34 @@ def _together(engine, prompts, params=GREEDY):
     return [h.result().text for h in handles]
 
 
+PENALIZED = SamplingParams(max_new_tokens=16, temperature=0, repetition_penalty=1.3)
+
+
+@pytest.mark.parametrize("params", [GREEDY, PENALIZED], ids=["greedy", "repetition-penalty"])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_batched_results_equal_solo_results(tiny_loaded, family):
+def test_batched_results_equal_solo_results(tiny_loaded, family, params):
     loaded = tiny_loaded(family)
     engine = Engine(loaded, max_batch=8).start()
     try:
         assert engine.max_batch == 8, engine.batching_note  # the self-check let batching on
-        together = _together(engine, PROMPTS)
+        together = _together(engine, PROMPTS, params)
         assert engine.stats["peak_batch"] > 1  # they really ran together
     finally:
         engine.stop()
-    assert together == _solo(loaded, PROMPTS)
+    assert together == _solo(loaded, PROMPTS, params)
 
 
+@pytest.mark.parametrize("penalty", [1.0, 1.3])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_engine_matches_transformers_generate(tiny_loaded, family):
+def test_engine_matches_transformers_generate(tiny_loaded, family, penalty):
     loaded = tiny_loaded(family)
     ids = loaded.chat_format.encode(loaded.tokenizer, _msgs(PROMPTS[3]))
     out = loaded.model.generate(torch.tensor([ids]), attention_mask=torch.ones((1, len(ids)), dtype=torch.long),
-                                max_new_tokens=16, do_sample=False, repetition_penalty=1.0, top_p=1.0,
+                                max_new_tokens=16, do_sample=False, repetition_penalty=penalty, top_p=1.0,
                                 top_k=50, temperature=1.0, eos_token_id=loaded.stop_ids, pad_token_id=loaded.pad_id)
     new = [t for t in out[0, len(ids):].tolist() if t not in loaded.stop_ids]
-    assert _solo(loaded, [PROMPTS[3]]) == [loaded.tokenizer.decode(new, skip_special_tokens=True)]
+    params = SamplingParams(max_new_tokens=16, temperature=0, repetition_penalty=penalty)
+    assert _solo(loaded, [PROMPTS[3]], params) == [loaded.tokenizer.decode(new, skip_special_tokens=True)]
 
 
 def test_a_request_joining_mid_generation_gets_its_solo_answer(tiny_loaded):

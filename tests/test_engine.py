@@ -200,3 +200,43 @@ def test_truncating_a_long_history_takes_a_few_encodes(tiny_loaded, monkeypatch)
     kept = len(set(re.findall(r"question (\d+)", text)))
     assert fmt.encode(tok, messages[-(2 * kept + 1):]) == ids
     assert len(fmt.encode(tok, messages[-(2 * kept + 3):])) > 300
+
+
+def _fake_rows(n, **params):
+    import random
+    from types import SimpleNamespace
+
+    return [SimpleNamespace(params=SamplingParams(**params), rng=random.Random(i)) for i in range(n)]
+
+
+@pytest.mark.parametrize("settings, expected", [
+    ({"temperature": 1.0}, [0.5, 0.3, 0.15, 0.05]),
+    ({"temperature": 1.0, "top_k": 2}, [0.5 / 0.8, 0.3 / 0.8, 0, 0]),
+    ({"temperature": 1.0, "top_p": 0.7}, [0.5 / 0.8, 0.3 / 0.8, 0, 0]),  # 0.5 < 0.7: the second stays
+    ({"temperature": 1.0, "top_p": 0.4}, [1, 0, 0, 0]),
+    ({"temperature": 1.0, "top_k": 1}, [1, 0, 0, 0]),
+])
+def test_sampling_follows_the_filtered_distribution(settings, expected):
+    import torch
+
+    from helpers.engine import _sample
+
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    rows = _fake_rows(4000, **settings)
+    logits = probs.log().repeat(len(rows), 1)
+    counts = torch.bincount(torch.tensor(_sample(logits, rows, None)), minlength=4).tolist()
+    freq = [c / len(rows) for c in counts]
+    assert freq == pytest.approx(expected, abs=0.03), freq
+
+
+def test_each_row_gets_its_own_settings_and_penalty():
+    import torch
+
+    from helpers.engine import _sample
+
+    logits = torch.tensor([[2.0, 1.9, -1.0], [2.0, 1.9, -1.0], [2.0, 1.9, -1.0]])
+    rows = _fake_rows(3, temperature=0)
+    rows[1].params.repetition_penalty = 1.2  # 2.0 / 1.2 < 1.9: the seen first token loses
+    rows[2].params = SamplingParams(temperature=0.01)  # near-greedy sampling
+    seen = torch.tensor([[True, False, False]] * 3)
+    assert _sample(logits, rows, seen) == [0, 1, 0]
