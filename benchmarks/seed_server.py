@@ -33,7 +33,8 @@ async def create_item(request: Request):
     messages.append({"role": "user", "content": prompt})
     ids = torch.tensor([fmt.encode(tokenizer, messages)])
     output = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_length,
-                            min_new_tokens=max_length, do_sample=False, eos_token_id=loaded.stop_ids,
+                            min_new_tokens=max_length, do_sample=False, repetition_penalty=1.0,
+                            eos_token_id=loaded.stop_ids,
                             pad_token_id=loaded.pad_id)
     new = output[0, ids.shape[1]:]
     response = tokenizer.decode(new, skip_special_tokens=True)

@@ -1,7 +1,8 @@
 """Serving benchmark: our server vs a seed-tutorial-style server vs the offline ceiling.
 
-For 1, 4, 8 and 16 concurrent clients (each sends REQUESTS requests back to back, 64 new tokens
-each, greedy, stop tokens ignored so every answer has the same length) it prints tokens per
+For 1, 4, 8 and 16 concurrent clients (each sends REQUESTS requests back to back on its own
+keep-alive connection, 64 new tokens each, greedy, no repetition penalty, stop tokens ignored so
+every answer has the same length) it prints tokens per
 second, time to first token, p50/p99 latency and the p99 of ``GET /health`` polled during the
 load, for
 
@@ -36,9 +37,15 @@ How (d) is run, so that it does the same work as (a):
   ``{"eos_token_id": -1, "do_sample": false}`` (-1 = no EOS: every answer is --tokens long);
   tokens are counted from ``usage``, which it puts on the last chunk (it ignores
   ``stream_options``);
-* its continuous batching drops ``repetition_penalty`` (our server applies the stand-in's 1.1), and
-  it is initialised with the first request's generation settings, so a warm-up request with the
-  same settings goes first; ``GET /health`` exists there too and is polled the same way.
+* its continuous batching drops ``repetition_penalty``, so every column runs without one (the
+  stand-in's generation_config.json says 1.1: our requests and the seed-style server pass 1.0),
+  and it is initialised with the first request's generation settings, so a warm-up request with
+  the same settings goes first; ``GET /health`` exists there too and is polled the same way.
+
+All servers are started at once and stay up (idle) while the others are measured; the runs are
+interleaved (each round measures the ceiling and every server for each client count in turn) so
+that this shared machine's slow and fast spells fall on all of them alike. Figures are medians
+over the rounds.
 """
 
 from __future__ import annotations
@@ -198,7 +205,8 @@ def ask_ours(http, url, model, prompt, tokens):
     first = None
     n = 0
     body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": tokens,
-            "temperature": 0, "stream": True, "ignore_eos": True, "stream_options": {"include_usage": True}}
+            "temperature": 0, "repetition_penalty": 1.0, "stream": True, "ignore_eos": True,
+            "stream_options": {"include_usage": True}}
     with http.post(url + "/v1/chat/completions", json=body, stream=True, timeout=600) as r:
         r.raise_for_status()
         for line in r.iter_lines():
@@ -293,17 +301,24 @@ def load(url, ask, model, clients, per_client, tokens):
 # --------------------------------------------------------------------------- offline ceiling
 
 
-def offline(model_dir, clients, per_client, tokens):
-    import torch
+class Offline:
+    """The ceiling: the same requests as offline batched ``generate()`` calls (``clients`` prompts
+    per call), in this process, no server."""
 
-    from helpers.loading import load_model
+    def __init__(self, model_dir):
+        import torch
 
-    torch.set_num_threads(1)
-    loaded = load_model(model_dir)
-    tok, fmt = loaded.tokenizer, loaded.chat_format
-    encoded = [fmt.encode(tok, [{"role": "user", "content": p}]) for p in prompts(clients * per_client)]
+        from helpers.loading import load_model
 
-    def batch_generate(batch):
+        torch.set_num_threads(1)
+        self.loaded = load_model(model_dir)
+        self.generate([prompts(1)[0]], 4)  # warm up
+
+    def generate(self, texts, tokens) -> int:
+        import torch
+
+        loaded = self.loaded
+        batch = [loaded.chat_format.encode(loaded.tokenizer, [{"role": "user", "content": p}]) for p in texts]
         width = max(len(x) for x in batch)
         ids = torch.tensor([[loaded.pad_id] * (width - len(x)) + x for x in batch])
         mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in batch])
@@ -312,21 +327,22 @@ def offline(model_dir, clients, per_client, tokens):
                                     eos_token_id=loaded.stop_ids, pad_token_id=loaded.pad_id)
         return (out.shape[1] - width) * len(batch)
 
-    batch_generate(encoded[:1])  # warm up
-    t0 = time.perf_counter()
-    total = sum(batch_generate(encoded[i:i + clients]) for i in range(0, len(encoded), clients))
-    wall = time.perf_counter() - t0
-    t1 = time.perf_counter()
-    batch_generate(encoded[:1])
-    lone = time.perf_counter() - t1
-    return {"tok_s": total / wall, "lone": lone}
+    def load(self, clients, per_client, tokens):
+        texts = prompts(clients * per_client)
+        t0 = time.perf_counter()
+        total = sum(self.generate(texts[i:i + clients], tokens) for i in range(0, len(texts), clients))
+        return {"tok_s": total / (time.perf_counter() - t0)}
+
+    def lone(self, tokens) -> float:
+        t0 = time.perf_counter()
+        self.generate(prompts(1), tokens)
+        return time.perf_counter() - t0
 
 
 # --------------------------------------------------------------------------- main
 
 
-def median_of(runs, fn):
-    got = [fn() for _ in range(runs)]
+def medians(got: list[dict]) -> dict:
     return {k: statistics.median(g[k] for g in got) for k in got[0]}
 
 
@@ -347,34 +363,43 @@ def run(size, clients_list, per_client, tokens, runs, hf=None, hf_num_blocks=64)
     model_dir = build_tiny("qwen", Path(tempfile.gettempdir()) / f"helpers-bench-{size}", size=size)
     model = "qwen-7b-chat"
     rows = []
-    ceilings = {c: median_of(runs, lambda c=c: offline(model_dir, c, per_client, tokens)) for c in clients_list}
-    server = ours(model_dir, free_port())
+    # All servers run (idle) side by side and the runs are interleaved: every round measures the
+    # ceiling and each server in turn, so that this shared machine's slow and fast spells fall on
+    # all of them alike; each figure is the median over the rounds.
+    servers = []
     try:
-        requests.post(server.url + "/v1/chat/completions", json={
-            "model": model, "messages": [{"role": "user", "content": "warm up"}], "max_tokens": 4}).raise_for_status()
-        mine = {c: median_of(runs, lambda c=c: load(server.url, ask_ours, model, c, per_client, tokens))
-                for c in clients_list}
+        servers.append(ours(model_dir, free_port()))
+        servers.append(seed(model_dir, free_port()))
+        if hf:
+            hf_dir = hf_model_dir(model_dir)
+            servers.append(hf_serve(hf_dir, free_port(), hf, num_blocks=hf_num_blocks))
+        mine_srv, seed_srv = servers[0], servers[1]
+        ask_ours(requests, mine_srv.url, model, "warm up", 4)
+        ask_seed(requests, seed_srv.url, model, "warm up", 4)
+        if hf:
+            ask_hf(requests, servers[2].url, str(hf_dir), "warm up", 4)  # also starts its batching with these settings
+        ceiling = Offline(model_dir)
+        got = {name: {c: [] for c in clients_list} for name in ("offline", "ours", "seed", "hf")}
+        lones, bares = [], []
         with requests.Session() as http:
-            lone = median_of(max(runs, 3), lambda: {"lat": ask_ours(http, server.url, model, prompts(1)[0], tokens)[2]})
-        ours_rss = peak_rss_mb(server.proc.pid)
+            for _ in range(runs):
+                for c in clients_list:
+                    got["offline"][c].append(ceiling.load(c, per_client, tokens))
+                    got["ours"][c].append(load(mine_srv.url, ask_ours, model, c, per_client, tokens))
+                    got["seed"][c].append(load(seed_srv.url, ask_seed, model, c, per_client, tokens))
+                    if hf:
+                        got["hf"][c].append(load(servers[2].url, ask_hf, str(hf_dir), c, per_client, tokens))
+                for _ in range(3):
+                    bares.append(ceiling.lone(tokens))
+                    lones.append(ask_ours(http, mine_srv.url, model, prompts(1)[0], tokens)[2])
+        ceilings = {c: medians(got["offline"][c]) for c in clients_list}
+        mine = {c: medians(got["ours"][c]) for c in clients_list}
+        theirs = {c: medians(got["seed"][c]) for c in clients_list}
+        hfs = {c: medians(got["hf"][c]) for c in clients_list} if hf else {}
+        ours_rss, seed_rss = peak_rss_mb(mine_srv.proc.pid), peak_rss_mb(seed_srv.proc.pid)
+        hf_rss = peak_rss_mb(servers[2].proc.pid) if hf else None
     finally:
-        server.stop()
-    server = seed(model_dir, free_port())
-    try:
-        theirs = {c: median_of(runs, lambda c=c: load(server.url, ask_seed, model, c, per_client, tokens))
-                  for c in clients_list}
-        seed_rss = peak_rss_mb(server.proc.pid)
-    finally:
-        server.stop()
-    if hf:
-        hf_dir = hf_model_dir(model_dir)
-        server = hf_serve(hf_dir, free_port(), hf, num_blocks=hf_num_blocks)
-        try:
-            ask_hf(requests, server.url, str(hf_dir), "warm up", 4)  # also starts its batching with these settings
-            hfs = {c: median_of(runs, lambda c=c: load(server.url, ask_hf, str(hf_dir), c, per_client, tokens))
-                   for c in clients_list}
-            hf_rss = peak_rss_mb(server.proc.pid)
-        finally:
+        for server in servers:
             server.stop()
 
     print(f"\n## {size} stand-in (Qwen2-shaped), {tokens} new tokens per request, "
@@ -408,9 +433,10 @@ def run(size, clients_list, per_client, tokens, runs, hf=None, hf_num_blocks=64)
                   f"| {h['p50'] * 1000:.0f} / {h['p99'] * 1000:.0f} ms "
                   f"| {m['health_p99'] * 1000:.1f} ms | {s['health_p99'] * 1000:.0f} ms "
                   f"| {h['health_p99'] * 1000:.1f} ms |")
-    bare = ceilings[clients_list[0]]["lone"]
-    print(f"\nLone request: {lone['lat'] * 1000:.0f} ms through our server (streaming) vs {bare * 1000:.0f} ms "
-          f"for a bare generate() ({lone['lat'] / bare:.2f}x). Peak memory (RSS): ours {ours_rss:.0f} MB, "
+    bare, lone = statistics.median(bares), statistics.median(lones)
+    print(f"\nLone request (median of {len(lones)}): {lone * 1000:.0f} ms through our server (streaming) vs "
+          f"{bare * 1000:.0f} ms "
+          f"for a bare generate() ({lone / bare:.2f}x). Peak memory (RSS): ours {ours_rss:.0f} MB, "
           f"seed-style {seed_rss:.0f} MB" + (f", transformers serve {hf_rss:.0f} MB." if hf else "."))
     rows.append((size, mine, theirs, ceilings) + ((hfs,) if hf else ()))
     return rows
