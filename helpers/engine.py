@@ -376,6 +376,7 @@ class Engine:
         self._batch: list[_Sequence] = []
         self._cache = None  # BatchCache of the running batch
         self._seen = None   # rows x vocabulary: ids each running request has seen (repetition penalty)
+        self._rotary = None  # kvcache.Rotary when the model takes positions from the cache length
         self._seq_dim: int | None = None
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
@@ -510,6 +511,17 @@ class Engine:
         if self.max_batch > 1 and self.check_batching:
             problem = _check_batching(self)
             if problem:
+                # Qwen v1 rotates by the cache length, not position_ids: try turning the keys of
+                # rows that move (kvcache.Rotary) and check again
+                from .kvcache import Rotary
+
+                self._rotary = Rotary.from_model(self.loaded.model)
+                if self._rotary is not None and not _check_batching(self):
+                    self.batching_note = ("batching with re-rotated keys (the model takes positions from "
+                                          "the cache length, not position_ids)")
+                    print(f"[engine] {self.batching_note}", flush=True)
+                    return
+                self._rotary = None
                 self.batching_note = f"batching disabled: {problem}"
                 print(f"[engine] {self.batching_note}; serving one request at a time", flush=True)
                 self.max_batch = 1
@@ -593,7 +605,7 @@ class Engine:
             logits, past = self._forward(ids, mask, positions, None)
             if self._seq_dim is None:
                 self._seq_dim = detect_seq_dim(past, width, FAMILY_SEQ_DIM.get(self.loaded.family, 2))
-            cache = BatchCache.from_model(past, mask, self._seq_dim)
+            cache = BatchCache.from_model(past, mask, self._seq_dim, self._rotary)
             seen = torch.zeros(logits.shape, dtype=torch.bool, device=logits.device)
             seen[mask.nonzero(as_tuple=True)[0], ids[mask.bool()]] = True
             tokens = _sample(logits, seqs, seen)
@@ -727,8 +739,9 @@ def _default_kv_budget(loaded) -> int | None:
 
 def _check_batching(engine: Engine) -> str:
     """Run two prompts of different lengths alone and together (the shorter one first, the longer
-    one joining a step later) and compare the logits. Remote model code that ignores position ids
-    or padding masks gives different numbers: then the engine serves one request at a time."""
+    one joining a step later, then leaving so that the padding in front of the shorter one is
+    trimmed) and compare the logits. Remote model code that ignores position ids or padding masks
+    gives different numbers (an empty string means: batching is safe)."""
     import torch
 
     from .kvcache import FAMILY_SEQ_DIM, BatchCache, detect_seq_dim
@@ -736,8 +749,8 @@ def _check_batching(engine: Engine) -> str:
     tok, fmt = engine.loaded.tokenizer, engine.loaded.chat_format
     short = fmt.encode(tok, [{"role": "user", "content": "Hi"}])
     long = fmt.encode(tok, [{"role": "user", "content": "Please tell me a long story about the sea."}])
-    if len(long) <= len(short):
-        long = long + long[-3:]
+    if len(long) < len(short) + 3:  # the joiner must be longer, so that the shorter one gets padded
+        long = long + short + short
     device = engine.device
     default_dim = FAMILY_SEQ_DIM.get(engine.loaded.family, 2)
 
@@ -745,7 +758,8 @@ def _check_batching(engine: Engine) -> str:
         t = torch.tensor([ids], dtype=torch.long, device=device)
         logits, past = engine._forward(t, None, torch.arange(len(ids), device=device).unsqueeze(0), None)
         dim = detect_seq_dim(past, len(ids), default_dim)
-        return logits, BatchCache.from_model(past, torch.ones((1, len(ids)), dtype=torch.long, device=device), dim)
+        return logits, BatchCache.from_model(past, torch.ones((1, len(ids)), dtype=torch.long, device=device), dim,
+                                             engine._rotary)
 
     def step(cache, tokens, lengths):
         ids = torch.tensor([[t] for t in tokens], dtype=torch.long, device=device)
@@ -762,6 +776,8 @@ def _check_batching(engine: Engine) -> str:
         a1 = step(ca, [ta], [len(short)])
         ta2 = int(a1.argmax(-1))
         a2 = step(ca, [ta2], [len(short) + 1])
+        ta3 = int(a2.argmax(-1))
+        a3 = step(ca, [ta3], [len(short) + 2])
         b0, cb = prefill(long)
         tb = int(b0.argmax(-1))
         b1 = step(cb, [tb], [len(long)])
@@ -771,6 +787,8 @@ def _check_batching(engine: Engine) -> str:
         _, cy = prefill(long)
         cx.merge(cy)
         both = step(cx, [ta2, tb], [len(short) + 1, len(long)])
+        cx.keep([0])  # the long one leaves: the padding in front of the short one goes
+        after = step(cx, [ta3], [len(short) + 2])
         # both prompts in one left-padded prefill
         width = len(long)
         ids = torch.tensor([[engine.loaded.pad_id or 0] * (width - len(short)) + short, long], device=device)
@@ -778,7 +796,7 @@ def _check_batching(engine: Engine) -> str:
         padded, _ = engine._forward(ids, mask, (mask.cumsum(1) - 1).clamp(min=0), None)
     except Exception as exc:  # noqa: BLE001 - any failure means: do not batch
         return f"{type(exc).__name__}: {exc}"
-    for got, want in ((both[0], a2[0]), (both[1], b1[0]), (padded[0], a0[0]), (padded[1], b0[0])):
+    for got, want in ((both[0], a2[0]), (both[1], b1[0]), (after[0], a3[0]), (padded[0], a0[0]), (padded[1], b0[0])):
         got, want = got.detach().float(), want.detach().float()
         scale = float(want.std()) or 1.0
         diff = float((got - want).abs().max()) / scale

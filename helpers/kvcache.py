@@ -8,6 +8,12 @@ gives back the same kind of object the model returned, so the engine never assum
 
 Rows are left-padded: every row's real tokens end at the last column; ``mask`` says which
 columns are real (1) or padding (0).
+
+Most models take each row's positions from ``position_ids``, so padding in front of a row changes
+nothing. Qwen v1's remote code ignores them and rotates by the column (the cache length): there a
+row moved right by padding (when it joins a longer batch) or left (when padding columns are
+trimmed) has its cached keys turned by the same number of positions (``Rotary``), which is what
+they would be had the row been computed at those columns.
 """
 
 from __future__ import annotations
@@ -37,17 +43,53 @@ def detect_seq_dim(past, length: int, default: int = 2) -> int:
     return default  # ambiguous (heads == length): trust the family's known layout
 
 
+class Rotary:
+    """Turns cached keys by a number of positions with the model's rotary embedding (RoPE, the
+    rotate-half form of Llama, Qwen and transformers): rotating by ``a`` then ``b`` equals rotating
+    by ``a + b``, so keys computed at column ``c`` become the keys of column ``c + shift``."""
+
+    def __init__(self, inv_freq: torch.Tensor):
+        self.inv_freq = inv_freq.detach().float()
+        self.dim = 2 * self.inv_freq.shape[0]  # the leading head dims that rotate
+
+    @classmethod
+    def from_model(cls, model) -> "Rotary | None":
+        """The rotary embedding of ``model`` (its ``inv_freq`` buffer), or None if it has no single one."""
+        found = {id(m.inv_freq): m.inv_freq for m in model.modules()
+                 if isinstance(getattr(m, "inv_freq", None), torch.Tensor)}
+        freqs = list(found.values())
+        if not freqs or any(f.shape != freqs[0].shape or not torch.equal(f, freqs[0]) for f in freqs[1:]):
+            return None
+        return cls(freqs[0])
+
+    def shift(self, keys: torch.Tensor, positions: int) -> torch.Tensor:
+        if positions == 0:
+            return keys
+        angles = positions * self.inv_freq.to(keys.device)
+        emb = torch.cat([angles, angles])
+        cos, sin = emb.cos(), emb.sin()
+        turning, rest = keys[..., :self.dim].float(), keys[..., self.dim:]
+        half = self.dim // 2
+        rotated = torch.cat([-turning[..., half:], turning[..., :half]], dim=-1)
+        turned = (turning * cos + rotated * sin).to(keys.dtype)
+        return torch.cat([turned, rest], dim=-1) if rest.shape[-1] else turned
+
+
 @dataclass
 class BatchCache:
     layers: list[tuple[torch.Tensor, torch.Tensor]]
     mask: torch.Tensor          # [batch, seq] long, 1 = real token, 0 = left padding
     seq_dim: int
     kind: str                   # "dynamic" | "tuple"
+    rotary: Rotary | None = None  # set for models whose positions follow the columns (Qwen v1)
 
     @classmethod
-    def from_model(cls, past, mask: torch.Tensor, seq_dim: int) -> "BatchCache":
+    def from_model(cls, past, mask: torch.Tensor, seq_dim: int, rotary: Rotary | None = None) -> "BatchCache":
         kind = "dynamic" if hasattr(past, "key_cache") else "tuple"
-        return cls(_layers(past), mask, seq_dim, kind)
+        return cls(_layers(past), mask, seq_dim, kind, rotary)
+
+    def _turn(self, k: torch.Tensor, positions: int) -> torch.Tensor:
+        return self.rotary.shift(k, positions) if self.rotary is not None else k
 
     # -- what the model gets back
     def to_model(self) -> Any:
@@ -85,7 +127,7 @@ class BatchCache:
         length = max(self.length, other.length)
         mine, theirs = length - self.length, length - other.length
         self.layers = [
-            (torch.cat([self._pad_left(k, mine), self._pad_left(ok, theirs)], 0),
+            (torch.cat([self._pad_left(self._turn(k, mine), mine), self._pad_left(self._turn(ok, theirs), theirs)], 0),
              torch.cat([self._pad_left(v, mine), self._pad_left(ov, theirs)], 0))
             for (k, v), (ok, ov) in zip(self.layers, other.layers)
         ]
@@ -107,7 +149,7 @@ class BatchCache:
         first = int(torch.nonzero(used)[0]) if bool(used.any()) else self.length
         if first > 0:
             self.mask = self.mask[:, first:]
-            self.layers = [(k.narrow(self.seq_dim, first, k.shape[self.seq_dim] - first),
+            self.layers = [(self._turn(k.narrow(self.seq_dim, first, k.shape[self.seq_dim] - first), -first),
                             v.narrow(self.seq_dim, first, v.shape[self.seq_dim] - first)) for k, v in self.layers]
 
 

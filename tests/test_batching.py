@@ -158,9 +158,10 @@ class _Wrapped(torch.nn.Module):
     dim 1 (Qwen v1, BlueLM) and/or positions taken from the cache length (Qwen v1 ignores
     position_ids)."""
 
-    def __init__(self, inner, *, seq_dim1=False, ignore_positions=False):
+    def __init__(self, inner, *, seq_dim1=False, ignore_positions=False, ignore_mask=False):
         super().__init__()
         self.inner, self.seq_dim1, self.ignore_positions = inner, seq_dim1, ignore_positions
+        self.ignore_mask = ignore_mask
         self.config = inner.config
 
     @property
@@ -179,6 +180,8 @@ class _Wrapped(torch.nn.Module):
         if self.ignore_positions:
             start = past.get_seq_length() if past is not None else 0
             position_ids = torch.arange(start, start + input_ids.shape[1]).unsqueeze(0).expand(input_ids.shape[0], -1)
+        if self.ignore_mask:
+            attention_mask = None
         out = self.inner(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                          past_key_values=past, use_cache=True, return_dict=True)
         layers = out.past_key_values.to_legacy_cache()
@@ -207,8 +210,27 @@ def test_legacy_tuple_cache_with_sequence_on_dim_1(tiny_loaded, family):
     assert together == _solo(tiny_loaded(family), PROMPTS)
 
 
-def test_model_that_ignores_position_ids_is_served_one_at_a_time(tiny_loaded):
+def test_model_that_takes_positions_from_the_cache_length_is_batched_with_rerotated_keys(tiny_loaded):
+    # Qwen v1's remote code ignores position_ids and rotates by the cache length (padding included)
     loaded = _wrapped(tiny_loaded("qwen"), seq_dim1=True, ignore_positions=True)
+    engine = Engine(loaded, max_batch=8).start()
+    try:
+        assert engine.max_batch == 8 and "re-rotated" in engine.batching_note, engine.batching_note
+        long_params = SamplingParams(max_new_tokens=40, temperature=0)
+        first = engine.submit(_msgs(PROMPTS[5]), long_params)  # the longest prompt: others get padded
+        events = iter(first)
+        head = next(events).text  # it is generating
+        together = _together(engine, PROMPTS[:5])  # they join, then leave before it (trimming)
+        first_text = head + "".join(e.text for e in events)
+        assert engine.stats["peak_batch"] > 2
+    finally:
+        engine.stop()
+    assert together == _solo(tiny_loaded("qwen"), PROMPTS[:5])
+    assert first_text == _solo(tiny_loaded("qwen"), [PROMPTS[5]], long_params)[0]
+
+
+def test_model_that_ignores_the_padding_mask_is_served_one_at_a_time(tiny_loaded):
+    loaded = _wrapped(tiny_loaded("qwen"), seq_dim1=True, ignore_mask=True)
     engine = Engine(loaded, max_batch=8).start()
     try:
         assert engine.max_batch == 1
@@ -228,3 +250,24 @@ def test_kv_bytes_per_token_for_a_7b_model():
     assert kv_bytes_per_token(qwen7b, torch.float16) == 512 * 1024  # 0.5 MB per token
     gqa = SimpleNamespace(num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, hidden_size=4096)
     assert kv_bytes_per_token(gqa, torch.bfloat16) == 128 * 1024
+
+
+def test_rotary_shift_moves_keys_by_positions(tiny_loaded):
+    from transformers.models.qwen2.modeling_qwen2 import apply_rotary_pos_emb
+
+    from helpers.kvcache import Rotary
+
+    model = tiny_loaded("qwen").model
+    rotary = Rotary.from_model(model)
+    head_dim = model.config.hidden_size // model.config.num_attention_heads
+    assert rotary is not None and rotary.dim == head_dim
+    keys = torch.randn(2, 3, 5, head_dim)  # [batch, heads, seq, head_dim]
+
+    def at(start):  # the keys rotated as if they sat at positions start .. start + 4
+        positions = torch.arange(start, start + 5).unsqueeze(0).expand(2, -1)
+        cos, sin = model.model.rotary_emb(keys, positions)
+        return apply_rotary_pos_emb(keys, keys, cos, sin)[1]
+
+    assert torch.allclose(rotary.shift(at(2), 7), at(9), atol=1e-5)
+    assert torch.allclose(rotary.shift(at(9), -7), at(2), atol=1e-5)
+    assert torch.allclose(rotary.shift(at(2), 0), at(2))
