@@ -15,6 +15,7 @@ the vendor encodes piece by piece), adding BOS where the vendor's tokenizer adds
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
@@ -236,6 +237,13 @@ class ChatFormat:
 
     def protected_ids(self, tokenizer) -> set[int]:
         """Ids that message content must never produce (control tokens of the template)."""
+        memo = _memo(tokenizer)
+        key = ("protected", type(self))
+        if key not in memo:
+            memo[key] = frozenset(self._protected_ids(tokenizer))
+        return set(memo[key])
+
+    def _protected_ids(self, tokenizer) -> set[int]:
         ids = set(getattr(tokenizer, "all_special_ids", []) or [])
         ids.discard(tokenizer.unk_token_id)  # unknown characters are not control tokens
         for tok in self.control_tokens():
@@ -387,8 +395,31 @@ def _is_tiktoken_qwen(tokenizer) -> bool:
     return hasattr(tokenizer, "mergeable_ranks") and hasattr(tokenizer, "special_tokens")
 
 
+_MEMO: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _memo(tokenizer) -> dict:
+    """Lookups remembered per tokenizer object (the server encodes every prompt on its event loop,
+    and these go through slow Python properties). Tokens added to a tokenizer after it was first
+    used for chat prompts are not seen: load it, add tokens, then serve."""
+    try:
+        memo = _MEMO.get(tokenizer)
+        if memo is None:
+            memo = _MEMO[tokenizer] = {}
+        return memo
+    except TypeError:  # not weak-referenceable: nothing remembered
+        return {}
+
+
 def single_token_id(tokenizer, token: str) -> int | None:
     """The id of ``token`` if the vocabulary has it as one token, else None."""
+    memo = _memo(tokenizer)
+    if token not in memo:
+        memo[token] = _single_token_id(tokenizer, token)
+    return memo[token]
+
+
+def _single_token_id(tokenizer, token: str) -> int | None:
     if _is_tiktoken_qwen(tokenizer):
         return tokenizer.special_tokens.get(token)
     tid = tokenizer.convert_tokens_to_ids(token)
