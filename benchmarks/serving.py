@@ -200,35 +200,13 @@ def hf_serve(model_dir, port, executable, num_blocks=64):
 # --------------------------------------------------------------------------- clients
 
 
-def ask_ours(http, url, model, prompt, tokens):
-    t0 = time.perf_counter()
-    first = None
-    n = 0
-    body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": tokens,
-            "temperature": 0, "repetition_penalty": 1.0, "stream": True, "ignore_eos": True,
-            "stream_options": {"include_usage": True}}
-    with http.post(url + "/v1/chat/completions", json=body, stream=True, timeout=600) as r:
-        r.raise_for_status()
-        for line in r.iter_lines():
-            if not line.startswith(b"data: ") or line == b"data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            if chunk.get("usage"):
-                n = chunk["usage"]["completion_tokens"]
-            if first is None and chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
-                first = time.perf_counter() - t0
-    return n, first, time.perf_counter() - t0
-
-
-def ask_hf(http, url, model, prompt, tokens):
-    """Like ask_ours for transformers serve: the model is the served folder's path, EOS is turned
-    off through ``generation_config``, the token count is the usage on its last chunk (if a stream
-    had none, the content chunks are counted)."""
+def stream_chat(http, url, body):
+    """POST a streaming chat completion; return (completion tokens, time to first content, total
+    time). Tokens come from ``usage`` (if a stream has none, content chunks are counted); an
+    error event in the stream raises."""
     t0 = time.perf_counter()
     first = None
     n = chunks = 0
-    body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": tokens,
-            "temperature": 0, "stream": True, "generation_config": HF_GENERATION_CONFIG}
     with http.post(url + "/v1/chat/completions", json=body, stream=True, timeout=600) as r:
         r.raise_for_status()
         for line in r.iter_lines():
@@ -236,7 +214,7 @@ def ask_hf(http, url, model, prompt, tokens):
                 continue
             chunk = json.loads(line[6:])
             if "error" in chunk:
-                raise RuntimeError(f"transformers serve: {chunk['error']}")
+                raise RuntimeError(f"error in the stream: {chunk['error']}")
             if chunk.get("usage"):
                 n = chunk["usage"]["completion_tokens"]
             if chunk.get("choices") and chunk["choices"][0]["delta"].get("content"):
@@ -244,6 +222,21 @@ def ask_hf(http, url, model, prompt, tokens):
                 if first is None:
                     first = time.perf_counter() - t0
     return n or chunks, first, time.perf_counter() - t0
+
+
+def ask_ours(http, url, model, prompt, tokens):
+    return stream_chat(http, url, {
+        "model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": tokens,
+        "temperature": 0, "repetition_penalty": 1.0, "stream": True, "ignore_eos": True,
+        "stream_options": {"include_usage": True}})
+
+
+def ask_hf(http, url, model, prompt, tokens):
+    """For transformers serve: the model is the served folder's path and EOS is turned off
+    through ``generation_config``."""
+    return stream_chat(http, url, {
+        "model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": tokens,
+        "temperature": 0, "stream": True, "generation_config": HF_GENERATION_CONFIG})
 
 
 def ask_seed(http, url, model, prompt, tokens):
