@@ -3,7 +3,7 @@
 An ``async def`` endpoint calls ``model.generate`` directly on the event loop: one request at a
 time, and nothing else (not even ``/health``) is answered while it runs.
 
-    python benchmarks/seed_server.py MODEL_DIR PORT
+    python benchmarks/seed_server.py MODEL_DIR PORT [DTYPE]
 """
 
 import sys
@@ -16,7 +16,7 @@ from fastapi import FastAPI, Request
 from helpers.loading import load_model
 
 torch.set_num_threads(1)
-loaded = load_model(sys.argv[1])
+loaded = load_model(sys.argv[1], dtype=sys.argv[3] if len(sys.argv) > 3 else "auto")
 model, tokenizer, fmt = loaded.model, loaded.tokenizer, loaded.chat_format
 app = FastAPI()
 

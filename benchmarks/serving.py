@@ -131,13 +131,21 @@ class Server:
             self.proc.kill()
 
 
-def ours(model_dir, port, max_batch=16):
+# The dtype each stand-in runs in (every column alike): the bench stand-in in bfloat16, as the real
+# models run on the GPU box (see SIZES in helpers/tiny.py for why).
+DTYPES = {"tiny": "fp32", "bench": "bf16"}
+HF_DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
+
+
+def ours(model_dir, port, dtype, max_batch=16):
     return Server([sys.executable, "-m", "helpers", "serve", "--model", str(model_dir), "--host", "127.0.0.1",
-                   "--port", str(port), "--log-level", "warning", "--max-batch", str(max_batch)], port)
+                   "--port", str(port), "--log-level", "warning", "--max-batch", str(max_batch),
+                   "--dtype", dtype], port)
 
 
-def seed(model_dir, port):
-    return Server([sys.executable, str(ROOT / "benchmarks" / "seed_server.py"), str(model_dir), str(port)], port)
+def seed(model_dir, port, dtype):
+    return Server([sys.executable, str(ROOT / "benchmarks" / "seed_server.py"), str(model_dir), str(port), dtype],
+                  port)
 
 
 # ChatML as our "qwen" format writes it (QwenFormat in helpers/formats.py): Qwen's default system
@@ -186,13 +194,13 @@ def hf_version(executable) -> str:
     return out.stdout.strip().splitlines()[-1]
 
 
-def hf_serve(model_dir, port, executable, num_blocks=64):
-    """``transformers serve`` with continuous batching on the CPU in float32, the model preloaded.
+def hf_serve(model_dir, port, executable, dtype, num_blocks=64):
+    """``transformers serve`` with continuous batching on the CPU, the model preloaded.
     It only listens once the model is loaded, so /health answering means ready (a longer timeout
     than ours: importing transformers 5 and its server takes a while)."""
     log = Path(tempfile.gettempdir()) / f"hfserve-{port}.log"
     return Server([*hf_cli(executable), "serve", str(model_dir), "--continuous-batching", "--device", "cpu",
-                   "--dtype", "float32", "--cb-num-blocks", str(num_blocks), "--host", "127.0.0.1",
+                   "--dtype", HF_DTYPES[dtype], "--cb-num-blocks", str(num_blocks), "--host", "127.0.0.1",
                    "--port", str(port), "--log-level", "warning"], port,
                   env={"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}, log=log, start_timeout=300)
 
@@ -298,13 +306,13 @@ class Offline:
     """The ceiling: the same requests as offline batched ``generate()`` calls (``clients`` prompts
     per call), in this process, no server."""
 
-    def __init__(self, model_dir):
+    def __init__(self, model_dir, dtype):
         import torch
 
         from helpers.loading import load_model
 
         torch.set_num_threads(1)
-        self.loaded = load_model(model_dir)
+        self.loaded = load_model(model_dir, dtype=dtype)
         self.generate([prompts(1)[0]], 4)  # warm up
 
     def generate(self, texts, tokens) -> int:
@@ -349,29 +357,30 @@ def peak_rss_mb(pid) -> float:
     return float("nan")
 
 
-def run(size, clients_list, per_client, tokens, runs, hf=None, hf_num_blocks=64):
+def run(size, clients_list, per_client, tokens, runs, hf=None, hf_num_blocks=64, dtype=None):
     """``hf``: the python (or ``transformers`` script) of a venv with transformers serve, for (d)."""
     from helpers.tiny import build_tiny
 
     model_dir = build_tiny("qwen", Path(tempfile.gettempdir()) / f"helpers-bench-{size}", size=size)
     model = "qwen-7b-chat"
+    dtype = dtype or DTYPES[size]
     rows = []
     # All servers run (idle) side by side and the runs are interleaved: every round measures the
     # ceiling and each server in turn, so that this shared machine's slow and fast spells fall on
     # all of them alike; each figure is the median over the rounds.
     servers = []
     try:
-        servers.append(ours(model_dir, free_port()))
-        servers.append(seed(model_dir, free_port()))
+        servers.append(ours(model_dir, free_port(), dtype))
+        servers.append(seed(model_dir, free_port(), dtype))
         if hf:
             hf_dir = hf_model_dir(model_dir)
-            servers.append(hf_serve(hf_dir, free_port(), hf, num_blocks=hf_num_blocks))
+            servers.append(hf_serve(hf_dir, free_port(), hf, dtype, num_blocks=hf_num_blocks))
         mine_srv, seed_srv = servers[0], servers[1]
         ask_ours(requests, mine_srv.url, model, "warm up", 4)
         ask_seed(requests, seed_srv.url, model, "warm up", 4)
         if hf:
             ask_hf(requests, servers[2].url, str(hf_dir), "warm up", 4)  # also starts its batching with these settings
-        ceiling = Offline(model_dir)
+        ceiling = Offline(model_dir, dtype)
         got = {name: {c: [] for c in clients_list} for name in ("offline", "ours", "seed", "hf")}
         lones, bares = [], []
         with requests.Session() as http:
@@ -395,7 +404,7 @@ def run(size, clients_list, per_client, tokens, runs, hf=None, hf_num_blocks=64)
         for server in servers:
             server.stop()
 
-    print(f"\n## {size} stand-in (Qwen2-shaped), {tokens} new tokens per request, "
+    print(f"\n## {size} stand-in (Qwen2-shaped, {HF_DTYPES[dtype]}), {tokens} new tokens per request, "
           f"{per_client} requests per client, median of {runs} runs\n")
     if not hf:
         print("| clients | ours tok/s | seed tok/s | offline tok/s | ours/seed | ours/offline | ours TTFT | seed TTFT "
@@ -410,7 +419,7 @@ def run(size, clients_list, per_client, tokens, runs, hf=None, hf_num_blocks=64)
                   f"| {m['health_p99'] * 1000:.1f} ms | {s['health_p99'] * 1000:.0f} ms |")
     else:
         print(f"(d) hf = transformers serve (CB): transformers {hf_version(hf)}, --continuous-batching "
-              f"--cb-num-blocks {hf_num_blocks}, float32 on the CPU, no EOS via generation_config; "
+              f"--cb-num-blocks {hf_num_blocks}, {HF_DTYPES[dtype]} on the CPU, no EOS via generation_config; "
               "its /health polled like ours\n")
         print("| clients | ours tok/s | seed tok/s | offline tok/s | hf tok/s | ours/seed | ours/offline | ours/hf "
               "| ours TTFT | seed TTFT | hf TTFT | ours p50 / p99 | seed p50 / p99 | hf p50 / p99 "
@@ -442,6 +451,8 @@ def main():
     parser.add_argument("--requests", type=int, default=2, help="requests per client")
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--dtype", choices=sorted(HF_DTYPES), default=None,
+                        help="run every column in this dtype (default: fp32 for tiny, bf16 for bench)")
     parser.add_argument("--transformers-serve", metavar="PYTHON", default=os.environ.get("HF_SERVE_PYTHON") or None,
                         help="python (or transformers script) of a venv with transformers serve: adds column (d); "
                              "default: $HF_SERVE_PYTHON, else off (make one: benchmarks/setup_transformers_serve.sh)")
@@ -454,7 +465,7 @@ def main():
     print(f"# serving benchmark ({os.cpu_count()} CPUs, OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']})")
     for size in (["tiny", "bench"] if args.size == "both" else [args.size]):
         run(size, clients, args.requests, args.tokens, args.runs, hf=args.transformers_serve,
-            hf_num_blocks=args.hf_cb_num_blocks)
+            hf_num_blocks=args.hf_cb_num_blocks, dtype=args.dtype)
 
 
 if __name__ == "__main__":
