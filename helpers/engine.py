@@ -14,6 +14,7 @@ or a cancel. Waiting requests are bounded (``max_queue``, then ``QueueFull``), r
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import queue
 import random
@@ -387,8 +388,9 @@ class Engine:
         self.stats = {"requests": 0, "completed": 0, "failed": 0, "cancelled": 0, "rejected": 0,
                       "prompt_tokens": 0, "completion_tokens": 0, "steps": 0, "peak_batch": 0}
 
-    @property
+    @functools.cached_property
     def device(self):
+        # remembered: a model's .device walks its parameters, and the worker asks at every step
         return self.loaded.model.device
 
     # -- lifecycle
@@ -557,8 +559,11 @@ class Engine:
         # rows are padded to the longest one: the batch costs rows x longest
         return len(reserved) * max(reserved) <= self.kv_budget_tokens
 
-    def _forward(self, input_ids, mask, positions, past):
-        padded = mask is not None and not bool(mask.all())
+    def _forward(self, input_ids, mask, positions, past, padded: bool | None = None):
+        """One forward pass; the mask goes to the model only when some row is padded (``padded``:
+        known by the caller, else read off the mask)."""
+        if padded is None:
+            padded = mask is not None and not bool(mask.all())
         out = self.loaded.model(
             input_ids=input_ids,
             attention_mask=mask if padded else None,
@@ -633,7 +638,7 @@ class Engine:
         positions = torch.tensor([[s.length - 1] for s in seqs], dtype=torch.long, device=self.device)
         mask = torch.cat([cache.mask, cache.mask.new_ones((len(seqs), 1))], dim=1)
         try:
-            logits, past = self._forward(last, mask, positions, cache.to_model())
+            logits, past = self._forward(last, mask, positions, cache.to_model(), padded=cache.padded)
         except Exception as exc:  # a fault in the shared step fails the whole batch
             self._fail(list(seqs), exc)
             self._batch, self._cache, self._seen = [], None, None
@@ -642,8 +647,10 @@ class Engine:
         cache.update(past, mask)
         self.stats["steps"] += 1
         tokens = _sample(logits, seqs, self._seen)
-        self._seen[torch.arange(len(seqs), device=self._seen.device),
-                   torch.tensor(tokens, device=self._seen.device)] = True
+        if any(s.params.repetition_penalty != 1.0 for s in seqs):
+            # only a penalized row's own seen-mask is ever read (its prompt was marked at prefill)
+            self._seen[torch.arange(len(seqs), device=self._seen.device),
+                       torch.tensor(tokens, device=self._seen.device)] = True
         events: list = []
         done = self._advance(seqs, tokens, events)
         self._retire(done)

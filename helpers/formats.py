@@ -390,12 +390,17 @@ def get_chat_format(family: str) -> ChatFormat:
 # --------------------------------------------------------------------------- tokenizer glue
 
 
+_MEMO: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
 def _is_tiktoken_qwen(tokenizer) -> bool:
     # Qwen v1's remote QWenTokenizer wraps a tiktoken Encoding and takes allowed_special=...
-    return hasattr(tokenizer, "mergeable_ranks") and hasattr(tokenizer, "special_tokens")
-
-
-_MEMO: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+    # (remembered: on other tokenizers a missing attribute goes through a slow __getattr__)
+    memo = _memo(tokenizer)
+    found = memo.get(("tiktoken",))
+    if found is None:
+        found = memo[("tiktoken",)] = hasattr(tokenizer, "mergeable_ranks") and hasattr(tokenizer, "special_tokens")
+    return found
 
 
 def _memo(tokenizer) -> dict:

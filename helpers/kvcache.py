@@ -82,11 +82,13 @@ class BatchCache:
     seq_dim: int
     kind: str                   # "dynamic" | "tuple"
     rotary: Rotary | None = None  # set for models whose positions follow the columns (Qwen v1)
+    padded: bool = False        # some row has padding (the model needs the mask)
+    past: Any = None            # the model's own cache object, while no batch surgery changed the layers
 
     @classmethod
     def from_model(cls, past, mask: torch.Tensor, seq_dim: int, rotary: Rotary | None = None) -> "BatchCache":
         kind = "dynamic" if hasattr(past, "key_cache") else "tuple"
-        return cls(_layers(past), mask, seq_dim, kind, rotary)
+        return cls(_layers(past), mask, seq_dim, kind, rotary, padded=not bool(mask.all()), past=past)
 
     def _turn(self, k: torch.Tensor, positions: int) -> torch.Tensor:
         return self.rotary.shift(k, positions) if self.rotary is not None else k
@@ -94,15 +96,19 @@ class BatchCache:
     # -- what the model gets back
     def to_model(self) -> Any:
         if self.kind == "dynamic":
+            if self.past is not None:  # what the model returned last: give it back as it is
+                return self.past
             from transformers import DynamicCache
 
             return DynamicCache.from_legacy_cache(tuple(self.layers))
         return tuple(self.layers)
 
     def update(self, past, mask: torch.Tensor) -> None:
-        """Take the cache a forward step returned (same rows, one column more)."""
+        """Take the cache a forward step returned (same rows, one column more: the padding
+        stays as it was)."""
         self.layers = _layers(past)
         self.mask = mask
+        self.past = past
 
     @property
     def batch(self) -> int:
@@ -133,6 +139,8 @@ class BatchCache:
         ]
         pad = lambda m, n: torch.cat([m.new_zeros((m.shape[0], n)), m], 1) if n > 0 else m  # noqa: E731
         self.mask = torch.cat([pad(self.mask, mine), pad(other.mask, theirs)], 0)
+        self.padded = self.padded or other.padded or mine > 0 or theirs > 0
+        self.past = None
 
     def keep(self, rows: Sequence[int]) -> None:
         """Keep only ``rows`` (in this order), then drop columns that are padding in every row."""
@@ -140,7 +148,9 @@ class BatchCache:
         self.mask = self.mask.index_select(0, index)
         layer_index = index.to(self.layers[0][0].device)
         self.layers = [(k.index_select(0, layer_index), v.index_select(0, layer_index)) for k, v in self.layers]
+        self.past = None
         self._trim()
+        self.padded = self.mask.numel() > 0 and not bool(self.mask.all())
 
     def _trim(self) -> None:
         if self.mask.numel() == 0:

@@ -19,6 +19,7 @@ error shape (OpenAI envelope on ``/v1``, the seed shape on ``POST /``).
 from __future__ import annotations
 
 import email.message
+import functools
 import json
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
@@ -102,14 +103,7 @@ class RequestGuard:
 
         content_type = headers.get("content-type")
         if content_type:
-            parsed = email.message.Message()
-            parsed["content-type"] = content_type
-            subtype = parsed.get_content_subtype()
-            json_type = parsed.get_content_maintype() == "application" and (
-                subtype == "json" or subtype.endswith("+json"))
-            charset = (parsed.get_param("charset") or "utf-8")
-            charset = charset.lower() if isinstance(charset, str) else "utf-8"
-            if not json_type or charset.replace("_", "-") not in ("utf-8", "utf8"):
+            if not _json_in_utf8(content_type):
                 return await self._fail(
                     scope, receive, send, 415,
                     f"the body must be JSON in UTF-8 (Content-Type: application/json), not {content_type[:80]!r}; "
@@ -161,6 +155,18 @@ class RequestGuard:
         response = self.error(scope, status, message, type_=_type_for(status), param=param, code=code,
                               headers=headers)
         await response(scope, receive, send)
+
+
+@functools.lru_cache(maxsize=64)
+def _json_in_utf8(content_type: str) -> bool:
+    """Whether a Content-Type header says JSON in UTF-8 (remembered: clients send the same few)."""
+    parsed = email.message.Message()
+    parsed["content-type"] = content_type
+    subtype = parsed.get_content_subtype()
+    json_type = parsed.get_content_maintype() == "application" and (subtype == "json" or subtype.endswith("+json"))
+    charset = parsed.get_param("charset") or "utf-8"
+    charset = charset.lower() if isinstance(charset, str) else "utf-8"
+    return json_type and charset.replace("_", "-") in ("utf-8", "utf8")
 
 
 def _type_for(status: int) -> str:

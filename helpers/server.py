@@ -641,9 +641,9 @@ def create_app(engine: Engine, *, title: str | None = None, api_keys=None, max_t
                 usage=Usage(prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens,
                             total_tokens=result.prompt_tokens + result.completion_tokens))
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return StreamingResponse(_sse(handle, completion_id, now, model_name, include_usage, inflight),
-                                 media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return _EventStream(_sse(handle, completion_id, now, model_name, include_usage, inflight),
+                            media_type="text/event-stream",
+                            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     def openapi() -> dict:
         """FastAPI's schema, with this server's limit on the answer length written in."""
@@ -708,6 +708,24 @@ def _error_event(error: APIError) -> str:
     return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
 
+class _Last(str):
+    """The last chunk of an event stream."""
+
+
+class _EventStream(StreamingResponse):
+    """A ``StreamingResponse`` that sends its ``_Last`` chunk together with the end of the
+    response (one write to the socket instead of two, for every streamed answer)."""
+
+    async def stream_response(self, send) -> None:
+        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+        ended = False
+        async for chunk in self.body_iterator:  # read to its end: the generator's cleanup runs
+            ended = isinstance(chunk, _Last)
+            await send({"type": "http.response.body", "body": chunk.encode(self.charset), "more_body": not ended})
+        if not ended:
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
 async def _sse(handle, completion_id: str, created: int, model: str, include_usage: bool, inflight: set):
     def chunk(delta: dict, finish: str | None = None, usage: dict | None = None, choices=True) -> str:
         body: dict[str, Any] = {"id": completion_id, "object": "chat.completion.chunk", "created": created,
@@ -748,7 +766,7 @@ async def _sse(handle, completion_id: str, created: int, model: str, include_usa
         except Exception as exc:  # the response has started: the error goes into the stream
             out += _error_event(APIError(500, f"internal error ({type(exc).__name__}): try again",
                                          "server_error"))
-        yield out + "data: [DONE]\n\n"
+        yield _Last(out + "data: [DONE]\n\n")
     finally:
         handle.cancel()  # the client disconnected (or we are done): stop generating
         inflight.discard(handle)
