@@ -29,9 +29,10 @@ How (d) is run, so that it does the same work as (a):
 * the stand-in is copied to a sibling folder ``<stand-in>-hfserve`` whose tokenizer_config.json
   gets the ChatML chat template (the stand-ins ship none), with Qwen's default system prompt: the
   prompt token ids are the ones our server builds for the "qwen" family;
-* ``transformers serve <that folder> --continuous-batching --device cpu --dtype float32
-  --cb-num-blocks N`` (the model is preloaded; without ``--cb-num-blocks`` the KV cache takes 60%
-  of the free RAM on CPU), ``OMP_NUM_THREADS=1``, ``HF_HUB_OFFLINE=1``; its log goes to a file;
+* ``transformers serve <that folder> --continuous-batching --device cpu --dtype DTYPE
+  --cb-num-blocks N``, DTYPE being the stand-in's as for every column (float32 for tiny, bfloat16
+  for bench; the model is preloaded; without ``--cb-num-blocks`` the KV cache takes 60% of the
+  free RAM on CPU), ``OMP_NUM_THREADS=1``, ``HF_HUB_OFFLINE=1``; its log goes to a file;
 * requests name the model by that folder's path; ``ignore_eos`` is refused there (422), so each
   request carries a ``generation_config`` field instead, the JSON string
   ``{"eos_token_id": -1, "do_sample": false}`` (-1 = no EOS: every answer is --tokens long);
@@ -448,7 +449,9 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", choices=["tiny", "bench", "both"], default="both")
     parser.add_argument("--clients", default="1,4,8,16")
-    parser.add_argument("--requests", type=int, default=2, help="requests per client")
+    parser.add_argument("--requests", type=int, default=4,
+                        help="requests per client (its first one also opens the connection: a few more "
+                             "measure the steady state rather than the ramp-up)")
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--dtype", choices=sorted(HF_DTYPES), default=None,
