@@ -82,6 +82,26 @@ def test_a_request_joining_mid_generation_gets_its_solo_answer(tiny_loaded):
     assert _solo(loaded, [PROMPTS[5]], long_params)[0].endswith(rest)
 
 
+@pytest.mark.parametrize("running, joining", [(1.0, 1.3), (1.3, 1.0)], ids=["penalized-joins", "plain-joins"])
+def test_a_penalized_and_a_plain_request_together_get_their_solo_answers(tiny_loaded, running, joining):
+    # the engine tracks the tokens each row has seen only while a running request has a penalty
+    loaded = tiny_loaded("qwen")
+    first_params = SamplingParams(max_new_tokens=40, temperature=0, repetition_penalty=running)
+    second_params = SamplingParams(max_new_tokens=16, temperature=0, repetition_penalty=joining)
+    engine = Engine(loaded, max_batch=4).start()
+    try:
+        first = engine.submit(_msgs(PROMPTS[4]), first_params)
+        events = iter(first)
+        head = next(events)  # the first request is generating
+        second = engine.submit(_msgs(PROMPTS[2]), second_params).result().text
+        first_text = head.text + "".join(e.text for e in events)
+        assert engine.stats["peak_batch"] == 2
+    finally:
+        engine.stop()
+    assert second == _solo(loaded, [PROMPTS[2]], second_params)[0]
+    assert first_text == _solo(loaded, [PROMPTS[4]], first_params)[0]
+
+
 def test_sampling_with_a_seed_does_not_depend_on_the_batch(tiny_loaded):
     loaded = tiny_loaded("xverse")
     params = SamplingParams(max_new_tokens=12, temperature=0.8, top_p=0.9, top_k=40, seed=7,
