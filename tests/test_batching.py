@@ -63,45 +63,28 @@ def test_engine_matches_transformers_generate(tiny_loaded, family, penalty):
     assert _solo(loaded, [PROMPTS[3]], params) == [loaded.tokenizer.decode(new, skip_special_tokens=True)]
 
 
+@pytest.mark.parametrize("running, joining", [(1.0, 1.0), (1.0, 1.3), (1.3, 1.0)],
+                         ids=["plain", "penalized-joins", "plain-joins"])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_a_request_joining_mid_generation_gets_its_solo_answer(tiny_loaded, family):
-    loaded = tiny_loaded(family)
-    long_params = SamplingParams(max_new_tokens=60, temperature=0)
-    engine = Engine(loaded, max_batch=4).start()
-    try:
-        first = engine.submit(_msgs(PROMPTS[5]), long_params)
-        events = iter(first)
-        next(events)  # the first request is generating
-        second = engine.submit(_msgs(PROMPTS[1]), GREEDY)
-        joined = second.result().text
-        rest = "".join(e.text for e in events)
-        assert engine.stats["peak_batch"] == 2
-    finally:
-        engine.stop()
-    assert joined == _solo(loaded, [PROMPTS[1]])[0]
-    assert first.finish_reason in ("stop", "length")
-    assert _solo(loaded, [PROMPTS[5]], long_params)[0].endswith(rest)
-
-
-@pytest.mark.parametrize("running, joining", [(1.0, 1.3), (1.3, 1.0)], ids=["penalized-joins", "plain-joins"])
-@pytest.mark.parametrize("family", FAMILIES)
-def test_a_penalized_and_a_plain_request_together_get_their_solo_answers(tiny_loaded, family, running, joining):
-    # the engine tracks the tokens each row has seen only while a running request has a penalty
+def test_a_request_joining_mid_generation_gets_its_solo_answer(tiny_loaded, family, running, joining):
+    # with and without a repetition penalty on either side: the engine tracks the tokens each row
+    # has seen only while a running request has a penalty
     loaded = tiny_loaded(family)
     first_params = SamplingParams(max_new_tokens=120, temperature=0, repetition_penalty=running)
     second_params = SamplingParams(max_new_tokens=16, temperature=0, repetition_penalty=joining)
     engine = Engine(loaded, max_batch=4).start()
     try:
-        first = engine.submit(_msgs(PROMPTS[4]), first_params)
+        first = engine.submit(_msgs(PROMPTS[5]), first_params)
         events = iter(first)
         head = next(events)  # the first request is generating
-        second = engine.submit(_msgs(PROMPTS[2]), second_params).result().text
+        second = engine.submit(_msgs(PROMPTS[1]), second_params).result().text
         first_text = head.text + "".join(e.text for e in events)
         assert engine.stats["peak_batch"] == 2
     finally:
         engine.stop()
-    assert second == _solo(loaded, [PROMPTS[2]], second_params)[0]
-    assert first_text == _solo(loaded, [PROMPTS[4]], first_params)[0]
+    assert second == _solo(loaded, [PROMPTS[1]], second_params)[0]
+    assert first.finish_reason in ("stop", "length")
+    assert first_text == _solo(loaded, [PROMPTS[5]], first_params)[0]
 
 
 def test_sampling_with_a_seed_does_not_depend_on_the_batch(tiny_loaded):
