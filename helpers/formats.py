@@ -1,6 +1,6 @@
 """Chat formats: OpenAI-style messages -> the exact prompt each model family was trained on.
 
-Every family writes its prompt differently (see ../shared/golden/chat_formats.json, produced by the
+Every family writes its prompt differently (see tests/golden/chat_formats.json, produced by the
 vendors' own code). A format turns messages into a list of *segments*:
 
 * ``Special(token)`` - a control token written by the template (``<|im_start|>``, ``</s>``...),

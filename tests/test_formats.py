@@ -1,4 +1,4 @@
-"""Chat formats against the prompts the vendors' own code builds (shared/golden/chat_formats.json)."""
+"""Chat formats against the prompts the vendors' own code builds (tests/golden/chat_formats.json)."""
 
 import json
 from pathlib import Path
@@ -12,7 +12,7 @@ from helpers.formats import (
     messages_to_history,
 )
 
-GOLDEN = Path(__file__).resolve().parents[2] / "shared" / "golden" / "chat_formats.json"
+GOLDEN = Path(__file__).resolve().parent / "golden" / "chat_formats.json"
 FAMILIES = ["qwen", "internlm2", "xverse", "bluelm", "minicpm"]
 
 
