@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import inspect
 import itertools
 import queue
 import random
@@ -302,13 +303,19 @@ class _Sequence:
         return len(self.prompt) + len(self.generated)
 
 
-def _sample(logits, seqs: Sequence[_Sequence], seen):
+def _sample(logits, seqs: Sequence[_Sequence], seen, limit: int | None = None):
     """Next token per row, for the whole batch at once, each row with its own settings:
     repetition penalty (``seen``: a rows x vocabulary mask of the ids in each row's prompt and
     answer so far), then greedy, or temperature, top-k and top-p sampling with the row's own
-    random numbers. The same filters as transformers' logits processors, in the same order."""
+    random numbers. The same filters as transformers' logits processors, in the same order.
+
+    ``limit``: only ids below it can be picked. A model's output layer may have more ids than its
+    tokenizer (Qwen-7B: 151,936 vs 151,851; BlueLM-7B: 100,096 vs 100,004): ids the tokenizer
+    cannot decode are never sampled (BlueLM's SentencePiece raises on them)."""
     import torch
 
+    if limit is not None and limit < logits.shape[-1]:
+        logits, seen = logits[:, :limit], seen[:, :limit]
     if logits.dtype == torch.float16:
         # fp16 overflow shows up as inf/nan: never pick those (one op, no device sync)
         logits = torch.nan_to_num(logits.float(), nan=float("-inf"), posinf=float("-inf"))
@@ -371,10 +378,15 @@ class Engine:
         self.check_batching = check_batching
         self.batching_note = ""
         self.kv_budget_tokens = kv_budget_tokens
+        # what the model's forward takes (BlueLM has no position_ids), and the ids its tokenizer can decode
+        self._forward_args = forward_arguments(loaded.model)
+        self._vocab_limit = decodable_ids(loaded.tokenizer)
+        self.failure: str | None = None  # why the worker stopped on its own (None while it serves)
         self._waiting: deque[RequestHandle] = deque()
         self._cond = threading.Condition()
         self._tokenizer_lock = threading.Lock()
         self._batch: list[_Sequence] = []
+        self._admitting: list[RequestHandle] = []  # taken off the queue, not yet in the batch
         self._cache = None  # BatchCache of the running batch
         self._seen = None   # rows x vocabulary: ids each running request has seen (repetition penalty)
         self._rotary = None  # kvcache.Rotary when the model takes positions from the cache length
@@ -398,10 +410,22 @@ class Engine:
         if self._thread is None or not self._thread.is_alive():
             self._stopping.clear()
             self._ready.clear()
+            self.failure = None
             self._thread = threading.Thread(target=self._work, name="llm-engine", daemon=True)
             self._thread.start()
             self._ready.wait(120)
         return self
+
+    def restart(self) -> "Engine":
+        """Start a new worker after the old one died (``status()`` says ``failed``); the model,
+        settings and metrics are kept. Requests that were running when it died have already
+        ended with an error; nothing else is lost. Does nothing while the worker serves."""
+        if self.alive:
+            return self
+        if self._thread is not None and self._thread.is_alive():  # still winding down after stop()
+            self._thread.join(10)
+        self._stopping.clear()
+        return self.start()
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop the worker: running and waiting requests end with an error."""
@@ -418,6 +442,18 @@ class Engine:
     @property
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive() and not self._stopping.is_set()
+
+    def status(self) -> tuple[str, str | None]:
+        """``("ok", None)`` while the worker serves; ``("stopping", why)`` after ``stop()``;
+        ``("failed", why)`` when the worker died (or was never started)."""
+        if self.alive:
+            return "ok", None
+        if self._stopping.is_set():
+            return "stopping", "the engine was stopped (the server is shutting down)"
+        if self._thread is None:
+            return "failed", "the engine was never started: call engine.start()"
+        return "failed", (f"the engine worker stopped: {self.failure or 'unknown reason'}; restart it "
+                          "(engine.restart() in the notebook, or restart the server)")
 
     @property
     def waiting(self) -> int:
@@ -437,7 +473,7 @@ class Engine:
         The prompt gets what the context leaves after ``max_new_tokens``, and at most
         ``max_prompt_tokens`` when given (a server's limit)."""
         if not self.alive:
-            raise EngineStopped("the engine is not running")
+            raise EngineStopped(self.status()[1] or "the engine is not running")
         params = params or SamplingParams()
         fmt = self.loaded.chat_format
         messages = fmt.check(messages)
@@ -499,12 +535,39 @@ class Engine:
                 self._prepare()
                 self._ready.set()
                 while not self._stopping.is_set():
-                    self._admit()
-                    if self._batch:
-                        self._step()
+                    try:
+                        self._admit()
+                        if self._batch:
+                            self._step()
+                    except Exception as exc:  # noqa: BLE001 - a fault outside the model call: fail what it touched, go on
+                        self._recover(exc)
+        except BaseException as exc:  # the thread ends here: say why (status(), /health, new requests)
+            if not self._stopping.is_set():
+                self.failure = f"{type(exc).__name__}: {exc}"
+                traceback.print_exception(exc)
         finally:
             self._ready.set()
-            self._fail_batch("the server is shutting down")
+            if self._stopping.is_set():
+                self._fail_batch("the server is shutting down")
+            else:  # died: nobody may wait for it (new requests get EngineStopped from submit)
+                self.failure = self.failure or "the worker thread ended"
+                print(f"[engine] the worker stopped: {self.failure}", flush=True)
+                with self._cond:
+                    waiting, self._waiting = list(self._waiting), deque()
+                message = f"the engine worker stopped: {self.failure}"
+                self._fail_batch(message)
+                self._fail_handles(self._admitting + waiting, message)
+
+    def _recover(self, exc: Exception) -> None:
+        """An exception escaped a step (not the model call, which ``_step`` handles): the requests
+        it may have touched (the running batch, those being admitted) end with the error, their
+        slots are freed, and the worker goes on with the next requests."""
+        traceback.print_exception(exc)
+        message = _describe_error(exc)
+        self._fail_batch(message)
+        self._fail_handles(self._admitting, message)
+        self._admitting = []
+        _free_cuda_cache()
 
     def _prepare(self) -> None:
         """Size the KV budget and check that batching gives the same results as one at a time."""
@@ -545,11 +608,14 @@ class Engine:
                 if not self._fits(head, admitted):
                     break
                 admitted.append(self._waiting.popleft())
+            self._admitting = admitted
         if self._stopping.is_set():
             _deliver([(h, Event(finish_reason="error", error="the server is shutting down")) for h in admitted])
+            self._admitting = []
             return
         for group in self._prefill_groups(admitted):
             self._prefill(group)
+        self._admitting = []
 
     def _fits(self, handle: RequestHandle, admitted: list) -> bool:
         if self.kv_budget_tokens is None or not (self._batch or admitted):
@@ -564,14 +630,11 @@ class Engine:
         known by the caller, else read off the mask)."""
         if padded is None:
             padded = mask is not None and not bool(mask.all())
-        out = self.loaded.model(
-            input_ids=input_ids,
-            attention_mask=mask if padded else None,
-            position_ids=positions,
-            past_key_values=past,
-            use_cache=True,
-            return_dict=True,
-        )
+        kwargs = {"input_ids": input_ids, "attention_mask": mask if padded else None, "position_ids": positions,
+                  "past_key_values": past, "use_cache": True, "return_dict": True}
+        if self._forward_args is not None:  # only what the model's forward takes (BlueLM: no position_ids)
+            kwargs = {k: v for k, v in kwargs.items() if k in self._forward_args}
+        out = self.loaded.model(**kwargs)
         return out.logits[:, -1, :], out.past_key_values
 
     #: padded prompt tokens one prefill forward may take (bounds the full-vocabulary logits
@@ -613,7 +676,7 @@ class Engine:
             cache = BatchCache.from_model(past, mask, self._seq_dim, self._rotary)
             seen = torch.zeros(logits.shape, dtype=torch.bool, device=logits.device)
             seen[mask.nonzero(as_tuple=True)[0], ids[mask.bool()]] = True
-            tokens = _sample(logits, seqs, seen)
+            tokens = _sample(logits, seqs, seen, self._vocab_limit)
             seen[torch.arange(len(seqs), device=seen.device), torch.tensor(tokens, device=seen.device)] = True
         except Exception as exc:  # these requests fail; the running batch goes on
             self._fail(seqs, exc)
@@ -646,7 +709,7 @@ class Engine:
             return
         cache.update(past, mask)
         self.stats["steps"] += 1
-        tokens = _sample(logits, seqs, self._seen)
+        tokens = _sample(logits, seqs, self._seen, self._vocab_limit)
         if any(s.params.repetition_penalty != 1.0 for s in seqs):
             # only a penalized row's own seen-mask is ever read (its prompt was marked at prefill)
             self._seen[torch.arange(len(seqs), device=self._seen.device),
@@ -668,21 +731,30 @@ class Engine:
             seq.generated.append(token)
             handle.completion_tokens = len(seq.generated)
             reason = None
-            if token in stop_ids and not seq.params.ignore_eos:
-                reason = "stop"
-            else:
-                seq.pending += seq.detok.add([token])
-                if seq.detok.stopped:
+            try:
+                if token in stop_ids and not seq.params.ignore_eos:
                     reason = "stop"
-            if reason is None:
-                if handle.cancelled:
-                    reason = "cancelled"
-                elif seq.deadline is not None and now > seq.deadline:
-                    reason = "timeout"
-                elif len(seq.generated) >= seq.params.max_new_tokens or seq.length >= self.loaded.context_length:
-                    reason = "length"
+                else:
+                    seq.pending += seq.detok.add([token])
+                    if seq.detok.stopped:
+                        reason = "stop"
+                if reason is None:
+                    if handle.cancelled:
+                        reason = "cancelled"
+                    elif seq.deadline is not None and now > seq.deadline:
+                        reason = "timeout"
+                    elif len(seq.generated) >= seq.params.max_new_tokens or seq.length >= self.loaded.context_length:
+                        reason = "length"
+                text = seq.pending + seq.detok.flush() if reason is not None else ""
+            except Exception as exc:  # noqa: BLE001 - e.g. an id the tokenizer cannot decode: this request only
+                traceback.print_exception(exc)
+                self.stats["failed"] += 1
+                self.metrics.request_finished(handle, "error", now)
+                events.append((handle, Event(finish_reason="error",
+                                             error=f"could not decode token {token}: {_describe_error(exc)}")))
+                finished.append(self._batch.index(seq))
+                continue
             if reason is not None:
-                text = seq.pending + seq.detok.flush()
                 if text:
                     events.append((handle, Event(text=text)))
                 events.append((handle, Event(finish_reason=reason)))
@@ -712,21 +784,42 @@ class Engine:
 
     def _fail(self, seqs: Sequence[_Sequence], exc: BaseException) -> None:
         traceback.print_exception(exc)
-        message = _describe_error(exc)
-        self.stats["failed"] += len(seqs)
-        now = time.time()
-        for seq in seqs:
-            self.metrics.request_finished(seq.handle, "error", now)
-        _deliver([(s.handle, Event(finish_reason="error", error=message)) for s in seqs])
+        self._fail_handles([s.handle for s in seqs], _describe_error(exc))
         _free_cuda_cache()
 
     def _fail_batch(self, message: str) -> None:
         seqs, self._batch, self._cache, self._seen = self._batch, [], None, None
-        seqs = [s for s in seqs if not s.handle.done]
+        self._fail_handles([s.handle for s in seqs], message)
+
+    def _fail_handles(self, handles: Sequence[RequestHandle], message: str) -> None:
+        handles = [h for h in handles if not h.done]
         now = time.time()
-        for seq in seqs:
-            self.metrics.request_finished(seq.handle, "error", now)
-        _deliver([(s.handle, Event(finish_reason="error", error=message)) for s in seqs])
+        for handle in handles:
+            self.metrics.request_finished(handle, "error", now)
+        self.stats["failed"] += len(handles)
+        _deliver([(h, Event(finish_reason="error", error=message)) for h in handles])
+
+
+def forward_arguments(model) -> frozenset[str] | None:
+    """The keyword arguments ``model.forward`` takes (read once, from its class), or None when it
+    takes any (``**kwargs``). Remote code differs: BlueLM's forward has no ``position_ids`` and
+    raises TypeError when given one; Qwen v1 takes it and ignores it."""
+    try:
+        params = inspect.signature(type(model).forward).parameters.values()
+    except (TypeError, ValueError):  # pragma: no cover - no signature to read: pass everything
+        return None
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return None
+    return frozenset(p.name for p in params if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                                                         inspect.Parameter.KEYWORD_ONLY))
+
+
+def decodable_ids(tokenizer) -> int | None:
+    """How many ids the tokenizer can decode (``len(tokenizer)``: its vocabulary and added tokens)."""
+    try:
+        return len(tokenizer)
+    except TypeError:  # pragma: no cover - a tokenizer without a length: no limit
+        return None
 
 
 def _default_kv_budget(loaded) -> int | None:

@@ -32,7 +32,8 @@ def server(tiny_loaded):
 
 
 def chat(srv, timeout=60, **body):
-    return requests.post(srv.url + "/v1/chat/completions", json={"model": MODEL, "messages": HI, **body},
+    model = srv.app.state.engine.loaded.name  # the server's own model, whichever family
+    return requests.post(srv.url + "/v1/chat/completions", json={"model": model, "messages": HI, **body},
                          timeout=timeout)
 
 
@@ -245,3 +246,167 @@ def test_stop_with_unload_frees_the_model(tiny_model_dir):
     srv = start_server(engine, host="127.0.0.1", port=free_port())
     srv.stop(unload=True)  # an engine passed in is stopped too: it cannot run without its model
     assert not engine.alive and loaded.model is None
+
+
+# --------------------------------------------------------------------------- the worker never dies
+
+
+def assert_no_slot_taken(engine):
+    assert wait_for(lambda: engine.running == 0 and engine.waiting == 0), (engine.running, engine.waiting)
+
+
+@pytest.mark.parametrize("family", ["bluelm", "qwen"])
+def test_an_undecodable_id_fails_that_request_and_the_next_is_answered(tiny_loaded, family, monkeypatch):
+    """An id above the tokenizer's range forced into a step (BlueLM's SentencePiece raises on it,
+    Qwen's decoder drops it): the request ends with a clear error or without that id; the worker
+    goes on, nothing stays taken."""
+    import helpers.engine as engine_module
+
+    loaded = tiny_loaded(family)
+    beyond = len(loaded.tokenizer)  # the first id of the gap between the tokenizer and the output layer
+    assert loaded.model.config.vocab_size > beyond, "the stand-in must have the real model's vocabulary gap"
+    real_sample = engine_module._sample
+    forced = []
+
+    def sample(logits, seqs, seen, limit=None):
+        tokens = real_sample(logits, seqs, seen, limit)
+        if not forced:
+            forced.append(tokens[0])
+            tokens = [beyond] + list(tokens[1:])
+        return tokens
+
+    srv = start_server(loaded, host="127.0.0.1", port=free_port())
+    try:
+        monkeypatch.setattr(engine_module, "_sample", sample)
+        r = chat(srv, max_tokens=4, temperature=0)
+        monkeypatch.setattr(engine_module, "_sample", real_sample)
+        assert forced, "the step did not run"
+        if family == "bluelm":  # SentencePiece: IndexError: piece id is out of range
+            assert r.status_code == 500, r.text
+            message = r.json()["error"]["message"]
+            assert f"could not decode token {beyond}" in message and "still running" in message
+            assert srv.engine.stats["failed"] == 1
+        else:
+            assert r.status_code == 200, r.text
+        assert srv.engine.alive
+        assert_no_slot_taken(srv.engine)
+        assert_answers(srv)
+    finally:
+        srv.stop()
+
+
+def test_ids_beyond_the_tokenizer_are_never_sampled():
+    """The output layer may have more ids than the tokenizer (Qwen-7B 151,936 vs 151,851): with
+    every probability in that gap, sampling and greedy still pick a decodable id."""
+    from helpers.engine import SamplingParams, _sample
+
+    class Row:
+        def __init__(self, **params):
+            self.params = SamplingParams(**params)
+            self.rng = __import__("random").Random(0)
+
+    logits = torch.zeros(3, 12)
+    logits[:, 10:] = 50.0  # ids 10 and 11 are beyond a 10-id tokenizer
+    logits[:, 4] = 1.0
+    seen = torch.zeros(3, 12, dtype=torch.bool)
+    rows = [Row(temperature=0), Row(temperature=1.0, top_p=0.9), Row(temperature=0, repetition_penalty=1.3)]
+    for _ in range(20):
+        greedy, sampled, penalized = _sample(logits, rows, seen, limit=10)
+        assert greedy == penalized == 4 and sampled < 10
+    assert _sample(logits[:1], rows[:1], seen[:1]) == [10]  # without the limit the gap wins
+
+
+class StepFault(RuntimeError):
+    pass
+
+
+def test_an_exception_in_a_step_fails_the_requests_it_touched_and_the_worker_goes_on(server, monkeypatch):
+    """A fault outside the model call (here: in the cache bookkeeping after the forward pass) ends
+    the running requests with a clear error; the worker stays up and serves the next ones."""
+    from helpers import kvcache
+
+    engine = server.engine
+    real_update = kvcache.BatchCache.update
+    calls = {"n": 0}
+
+    def update(self, past, mask):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise StepFault("injected fault in a step")
+        return real_update(self, past, mask)
+
+    monkeypatch.setattr(kvcache.BatchCache, "update", update)
+    results = {}
+
+    def ask(i):
+        results[i] = chat(server, max_tokens=40, temperature=0, ignore_eos=True)
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    monkeypatch.setattr(kvcache.BatchCache, "update", real_update)
+    failed = [r for r in results.values() if r.status_code != 200]
+    assert failed, "the fault hit no request"
+    for r in failed:
+        assert r.status_code == 500 and "StepFault: injected fault in a step" in r.json()["error"]["message"]
+        assert r.json()["error"]["code"] == "generation_failed"
+    assert engine.alive and engine.status() == ("ok", None)
+    assert_no_slot_taken(engine)
+    assert_answers(server)
+
+
+class WorkerKilled(BaseException):
+    """Not an Exception: nothing in the step loop catches it, so the worker thread ends."""
+
+
+def test_a_dead_worker_is_reported_at_once_and_can_be_restarted(tiny_loaded, monkeypatch):
+    loaded = tiny_loaded("qwen")
+    engine = Engine(loaded).start()
+    srv = start_server(engine, host="127.0.0.1", port=free_port())
+    try:
+        real_step = Engine._step
+
+        def step(self):
+            raise WorkerKilled("the worker was killed")
+
+        monkeypatch.setattr(Engine, "_step", step)
+        r = chat(srv, max_tokens=4, timeout=30)  # running when the worker dies: ends, does not hang
+        assert r.status_code == 503 and r.json()["error"]["code"] == "engine_stopped", r.text
+        assert "WorkerKilled: the worker was killed" in r.json()["error"]["message"]
+        assert wait_for(lambda: not engine.alive)
+        monkeypatch.setattr(Engine, "_step", real_step)
+
+        health = requests.get(srv.url + "/health", timeout=10)
+        assert health.status_code == 503
+        body = health.json()
+        assert body["status"] == "failed" and "WorkerKilled" in body["reason"] and "restart" in body["reason"]
+        assert set(body) == {"status", "model", "family", "device", "running", "waiting", "reason"}
+        r = chat(srv, max_tokens=4, timeout=10)  # a new request: 503 with the reason, at once
+        assert r.status_code == 503 and r.headers["Retry-After"]
+        assert "WorkerKilled" in r.json()["error"]["message"]
+        seed = requests.post(srv.url, json={"prompt": "hi", "history": [["a", "b"]]}, timeout=10)
+        assert seed.status_code == 503 and seed.json()["status"] == 503 and seed.json()["history"] == [["a", "b"]]
+
+        engine.restart()
+        assert engine.alive and engine.failure is None
+        assert_answers(srv)
+        assert requests.get(srv.url + "/health", timeout=10).status_code == 200
+    finally:
+        srv.stop()
+        engine.stop()
+
+
+def test_health_is_503_stopping_once_the_engine_is_stopped(tiny_loaded):
+    engine = Engine(tiny_loaded("qwen")).start()
+    srv = start_server(engine, host="127.0.0.1", port=free_port())
+    try:
+        assert requests.get(srv.url + "/health", timeout=10).status_code == 200
+        engine.stop()
+        health = requests.get(srv.url + "/health", timeout=10)
+        assert health.status_code == 503 and health.json()["status"] == "stopping", health.text
+        r = chat(srv, max_tokens=4, timeout=10)
+        assert r.status_code == 503 and r.json()["error"]["code"] == "not_ready"
+    finally:
+        srv.stop()
