@@ -67,23 +67,29 @@ def stream_chat(messages: str | Sequence[dict], *, url: str = DEFAULT_URL, model
 
 
 def wait_until_ready(url: str = DEFAULT_URL, timeout: float = 60) -> dict:
-    """Poll ``GET /health`` until the server answers with its model loaded (e.g. after
-    ``python api.py`` in a terminal); raises if the model failed to load."""
+    """Poll ``GET /health`` until the server can generate (200, ``"status": "ok"``; e.g. after
+    ``python api.py`` in a terminal) and return its answer. Raises ``RuntimeError`` with the
+    server's reason when it cannot (``"failed"``: the model did not load or the engine stopped;
+    ``"stopping"``), ``TimeoutError`` when it is still loading (or not answering) at the deadline."""
     deadline = time.monotonic() + timeout
     last = None
     while time.monotonic() < deadline:
         try:
             r = requests.get(url.rstrip("/") + "/health", timeout=2)
-            body = r.json() if r.status_code == 200 else {}
-            if body.get("status") == "failed":
-                raise RuntimeError(f"the server could not load its model: {body.get('error')}")
-            if body.get("status") not in (None, "loading"):
+            try:
+                body = r.json()
+            except ValueError:
+                body = {}
+            status = body.get("status") if isinstance(body, dict) else None
+            if r.status_code == 200 and status == "ok":
                 return body
-            last = body.get("status") or r.status_code
+            if status in ("failed", "stopping"):
+                raise RuntimeError(f"the server at {url} cannot generate ({status}): {body.get('reason')}")
+            last = f"{r.status_code} {status or ''}".strip()
         except requests.RequestException as exc:
             last = exc
         time.sleep(0.2)
-    raise TimeoutError(f"no answer from {url} within {timeout:.0f} s ({last})")
+    raise TimeoutError(f"{url} was not ready within {timeout:.0f} s (last answer: {last})")
 
 
 def _error_text(r: requests.Response) -> str:

@@ -250,12 +250,34 @@ class ModelList(BaseModel):
 
 
 class Health(BaseModel):
-    status: Literal["ok", "stopping", "stopped"]
+    """``GET /health``: 200 only when the server can generate (``"ok"``); otherwise 503 with the
+    same fields, ``reason`` saying why (and ``Retry-After`` while the model loads)."""
+
+    status: Literal["ok", "loading", "failed", "stopping"]
     model: str
-    family: str
-    device: str
-    running: int
-    waiting: int
+    family: Optional[str] = None
+    device: Optional[str] = None
+    running: int = 0
+    waiting: int = 0
+    reason: Optional[str] = None
+
+
+def health_response(health: Health, retry_after: int | None = None) -> JSONResponse:
+    """200 for ``ok``, else 503 (with ``Retry-After`` when given): what a load balancer, ``curl -f``
+    or a script waiting for readiness reads."""
+    if health.status == "ok":
+        return JSONResponse(health.model_dump())
+    headers = {"Retry-After": str(retry_after)} if retry_after else None
+    return JSONResponse(health.model_dump(), status_code=503, headers=headers)
+
+
+def static_response(name: str) -> Response | None:
+    """A file of the chat page (helpers/static), or None if there is no such file."""
+    path = STATIC_DIR / name
+    if "/" in name or path.suffix not in STATIC_TYPES or not path.is_file():
+        return None
+    return Response(path.read_bytes(), media_type=STATIC_TYPES[path.suffix],
+                    headers={"Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff"})
 
 
 # --------------------------------------------------------------------------- errors
@@ -306,6 +328,8 @@ def _failure(message: str) -> APIError:
         return APIError(503, message, "server_error", code="out_of_memory", headers={"Retry-After": "5"})
     if "shutting down" in lowered:
         return _shutting_down()
+    if "worker stopped" in lowered:
+        return APIError(503, f"{message}: this request was not finished", "server_error", code="engine_stopped")
     return APIError(500, f"{message} (the server is still running: try again, and tell its owner if this "
                          "repeats)", "server_error", code="generation_failed")
 
@@ -321,8 +345,8 @@ def _engine_error(exc: Exception) -> APIError:
         return APIError(429, str(exc), "rate_limit_exceeded", code="queue_full",
                         headers={"Retry-After": str(exc.retry_after)})
     if isinstance(exc, EngineStopped):
-        return APIError(503, "the model is not ready (loading or shutting down): try again shortly",
-                        "server_error", code="not_ready", headers={"Retry-After": "5"})
+        return APIError(503, f"the server cannot generate now: {exc}", "server_error", code="not_ready",
+                        headers={"Retry-After": "5"})
     if isinstance(exc, GenerationFailed):
         return _failure(str(exc))
     return APIError(500, f"{type(exc).__name__}: {exc}", "server_error")
@@ -556,13 +580,10 @@ def create_app(engine: Engine, *, title: str | None = None, api_keys=None, max_t
         return {code: {"model": model} for code in codes}
 
     def static_file(name: str) -> Response:
-        path = STATIC_DIR / name
-        if name not in static_files or not path.is_file():
+        response = static_response(name)
+        if response is None:
             raise StarletteHTTPException(404)
-        return Response(path.read_bytes(), media_type=STATIC_TYPES[path.suffix],
-                        headers={"Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff"})
-
-    static_files = {p.name for p in STATIC_DIR.glob("*") if p.suffix in STATIC_TYPES} if STATIC_DIR.is_dir() else set()
+        return response
 
     @app.get("/", include_in_schema=False)
     async def chat_page():
@@ -573,11 +594,16 @@ def create_app(engine: Engine, *, title: str | None = None, api_keys=None, max_t
     async def static(name: str):
         return static_file(name)
 
-    @app.get("/health", response_model=Health)
+    @app.get("/health", response_model=Health,
+             responses={503: {"model": Health, "description": "cannot generate now (loading, failed or stopping)"}})
     async def health():
-        status = "stopping" if app.state.draining else ("ok" if engine.alive else "stopped")
-        return Health(status=status, model=model_name, family=loaded.family, device=str(loaded.device),
-                      running=engine.running, waiting=engine.waiting)
+        if app.state.draining:
+            status, reason = "stopping", "the server is shutting down"
+        else:
+            status, reason = engine.status()
+        return health_response(Health(status=status, model=model_name, family=loaded.family,
+                                      device=str(loaded.device), running=engine.running, waiting=engine.waiting,
+                                      reason=reason))
 
     @app.get("/metrics", include_in_schema=False)
     async def metrics():
@@ -773,9 +799,10 @@ async def _sse(handle, completion_id: str, created: int, model: str, include_usa
 
 
 class LoadingApp:
-    """An ASGI app that answers while the model is still loading: ``GET /health`` says so, every
-    other route answers 503 with ``Retry-After``; once ``ready(app)`` is called, everything goes to
-    the real app. Lets ``python -m helpers serve`` open its port at once."""
+    """An ASGI app that answers while the model is still loading: ``GET /health`` says so (503),
+    the chat page is served (it shows that the model is loading and tries again), every other
+    route answers 503 with ``Retry-After``; once ``ready(app)`` is called, everything goes to the
+    real app. Lets ``python -m helpers serve`` open its port at once."""
 
     def __init__(self, name: str, retry_after: int = 10):
         self.name, self.retry_after = name, retry_after
@@ -809,8 +836,17 @@ class LoadingApp:
         if scope["type"] != "http":
             return
         state = "failed" if self.error else "loading"
-        if scope["path"] == "/health":
-            response = JSONResponse({"status": state, "model": self.name, "error": self.error})
+        path = scope["path"]
+        page = None
+        if scope["method"] in ("GET", "HEAD") and (path == "/" or path.startswith(STATIC_PREFIX)):
+            page = static_response("chat.html" if path == "/" else path[len(STATIC_PREFIX):])
+        if page is not None:
+            response = page
+        elif path == "/health":
+            reason = (f"the model failed to load: {self.error}" if self.error
+                      else f"the model {self.name} is still loading")
+            response = health_response(Health(status=state, model=self.name, reason=reason),
+                                       None if self.error else self.retry_after)
         else:
             message = (f"the model failed to load: {self.error}" if self.error else
                        f"the model {self.name} is still loading: try again in a few seconds")

@@ -94,6 +94,8 @@ def test_unknown_model_name_says_what_exists():
 
 
 def test_loading_gate_answers_503_until_ready():
+    """/health is 200 only when the server can generate: 503 with the same fields (and
+    Retry-After) while loading, 503 with the reason after a failed load."""
     import asyncio
 
     import httpx
@@ -108,7 +110,7 @@ def test_loading_gate_answers_503_until_ready():
     def health():
         return {"status": "ok"}
 
-    async def calls():
+    async def calls(gate):
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=gate), base_url="http://x") as c:
             loading = await c.get("/health")
             v1 = await c.post("/v1/chat/completions", json={})
@@ -117,12 +119,50 @@ def test_loading_gate_answers_503_until_ready():
             ready = await c.get("/health")
             return loading, v1, seed, ready
 
-    loading, v1, seed, ready = asyncio.run(calls())
-    assert loading.json()["status"] == "loading"
+    loading, v1, seed, ready = asyncio.run(calls(gate))
+    assert loading.status_code == 503 and int(loading.headers["Retry-After"]) > 0
+    assert loading.json() == {"status": "loading", "model": "qwen-7b-chat", "family": None, "device": None,
+                              "running": 0, "waiting": 0, "reason": "the model qwen-7b-chat is still loading"}
     assert v1.status_code == 503 and int(v1.headers["Retry-After"]) > 0
     assert v1.json()["error"]["code"] == "model_loading"
     assert seed.status_code == 503 and seed.json()["status"] == 503
-    assert ready.json() == {"status": "ok"}
+    assert ready.status_code == 200 and ready.json() == {"status": "ok"}
+
+    failed = LoadingApp("qwen-7b-chat")
+    failed.failed("OSError: no weights in /root/autodl-tmp/qwen")
+
+    async def probe():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=failed), base_url="http://x") as c:
+            return await c.get("/health"), await c.post("/v1/chat/completions", json={})
+
+    health, v1 = asyncio.run(probe())
+    assert health.status_code == 503 and "Retry-After" not in health.headers
+    assert health.json()["status"] == "failed"
+    assert health.json()["reason"] == "the model failed to load: OSError: no weights in /root/autodl-tmp/qwen"
+    assert v1.status_code == 503 and "no weights" in v1.json()["error"]["message"]
+
+
+def test_wait_until_ready_waits_through_503_and_reports_a_failure(monkeypatch):
+    import requests
+
+    from helpers import client
+
+    answers = [(503, {"status": "loading"}), (503, {"status": "loading"}),
+               (200, {"status": "ok", "model": "m"})]
+
+    class Response:
+        def __init__(self, code, body):
+            self.status_code, self._body = code, body
+
+        def json(self):
+            return self._body
+
+    monkeypatch.setattr(client.time, "sleep", lambda s: None)
+    monkeypatch.setattr(requests, "get", lambda url, timeout: Response(*answers.pop(0)))
+    assert client.wait_until_ready("http://x", timeout=10) == {"status": "ok", "model": "m"}
+    monkeypatch.setattr(requests, "get", lambda url, timeout: Response(503, {"status": "failed", "reason": "boom"}))
+    with pytest.raises(RuntimeError, match="cannot generate \\(failed\\): boom"):
+        client.wait_until_ready("http://x", timeout=10)
 
 
 def test_serve_exits_with_the_reason_when_loading_fails(tmp_path):

@@ -223,3 +223,30 @@ def test_no_system_prompt_for_xverse(tiny_loaded, page):
         assert page.locator("#system-box").is_hidden()
     finally:
         srv.stop()
+
+
+def test_loading_then_ready_and_a_stopped_engine_are_explained(tiny_loaded, page):
+    """/health answers 503 while the model loads: the page says so and tries again by itself."""
+    from helpers.background import BackgroundServer
+    from helpers.server import LoadingApp, create_app
+
+    gate = LoadingApp("qwen-7b-chat", retry_after=1)
+    srv = BackgroundServer(gate, "127.0.0.1", free_port()).start()
+    engine = Engine(tiny_loaded("qwen")).start()
+    try:
+        page.goto(f"http://127.0.0.1:{srv.port}/")
+        notice = page.locator("#notice")
+        sync_api.expect(notice).to_have_attribute("data-kind", "loading")
+        assert "还在加载" in notice.inner_text()
+        sync_api.expect(page.locator("#server-status")).to_have_text("暂不能生成")
+        gate.ready(create_app(engine))
+        sync_api.expect(page.locator("#model")).to_have_text("qwen-7b-chat")  # picked up without a reload
+        sync_api.expect(page.locator("#server-status")).to_have_text("服务器在线")
+        assert page.locator("#notice").is_hidden()
+        engine.stop()
+        page.reload()
+        sync_api.expect(notice).to_have_attribute("data-kind", "error")
+        assert "stopping" in notice.inner_text()
+    finally:
+        srv.stop()
+        engine.stop()

@@ -14,7 +14,9 @@ const TEXT = {
     apiKeyHint: "密钥只保存在本浏览器 (localStorage)，以 Authorization: Bearer 发送。",
     placeholder: "输入问题，Enter 发送，Shift+Enter 换行", lang: "English",
     ready: "服务器在线", down: "连不上服务器：它是不是停了？请检查服务器是否在运行、地址和端口是否正确。",
-    downShort: "服务器离线",
+    downShort: "服务器离线", notReadyShort: "暂不能生成",
+    loading: (s) => `模型还在加载，${s} 秒后自动再试。`,
+    notReady: (status, reason) => `服务器现在不能生成（${status}）：${reason}`,
     busy: (s) => `服务器正忙（排队已满），请 ${s} 秒后再试。`,
     key: (m) => `API 密钥无效或缺失：请在右侧“API 密钥”中填写老师给的密钥。（${m}）`,
     error: (status, m) => `服务器返回错误 ${status}：${m}`,
@@ -31,7 +33,9 @@ const TEXT = {
     apiKeyHint: "Kept in this browser only (localStorage), sent as Authorization: Bearer.",
     placeholder: "Ask something; Enter sends, Shift+Enter adds a line", lang: "中文",
     ready: "server online", down: "Cannot reach the server: is it stopped? Check that it is running and the address and port are right.",
-    downShort: "server offline",
+    downShort: "server offline", notReadyShort: "cannot generate now",
+    loading: (s) => `The model is still loading: trying again in ${s} s.`,
+    notReady: (status, reason) => `The server cannot generate now (${status}): ${reason}`,
     busy: (s) => `The server is busy (its queue is full): try again in ${s} s.`,
     key: (m) => `The API key is missing or not valid: enter the key you were given under "API key". (${m})`,
     error: (status, m) => `The server answered ${status}: ${m}`,
@@ -72,7 +76,7 @@ function hideNotice() { state.notice = null; $("notice").hidden = true; $("notic
 function refreshStatus() {
   const el = $("server-status");
   if (state.online === undefined) return;
-  el.textContent = state.online ? t("ready") : t("downShort");
+  el.textContent = state.online ? t("ready") : t(state.reachable ? "notReadyShort" : "downShort");
   el.classList.toggle("down", !state.online);
 }
 
@@ -97,13 +101,28 @@ async function reportHttpError(response) {
 
 function unreachable() {
   state.online = false;
+  state.reachable = false;
   refreshStatus();
   showNotice("down", "down");
 }
 
 async function loadServerInfo() {
   try {
-    const health = await (await fetch("/health")).json();
+    // /health is 200 only when the server can generate; 503 says why (loading, failed, stopping)
+    const response = await fetch("/health");
+    const health = await response.json();
+    state.reachable = true;
+    if (!response.ok) {
+      state.online = false;
+      refreshStatus();
+      if (health.status === "loading") {
+        const retry = parseInt(response.headers.get("Retry-After") || "5", 10);
+        showNotice("loading", "loading", retry);
+        setTimeout(loadServerInfo, retry * 1000);
+      } else showNotice("error", "notReady", health.status, health.reason || "");
+      return;
+    }
+    if (state.notice && state.notice[0] === "loading") hideNotice();
     state.family = health.family;
     state.online = true;
     const noSystem = NO_SYSTEM_ROLE.includes(health.family);
