@@ -101,6 +101,7 @@ class RequestHandle:
         self.first_token: float | None = None   # when its first token was generated
         self.prompt_tokens = 0
         self.completion_tokens = 0
+        self.output_ids: list[int] = []          # the generated token ids (stop ids included)
         self.finish_reason: str | None = None
         self.error: str | None = None
         self._cancelled = threading.Event()
@@ -285,6 +286,7 @@ class _Sequence:
         self.params = handle.params
         self.prompt = list(handle._prompt_ids)
         self.generated: list[int] = []
+        handle.output_ids = self.generated  # the same list: the reader sees the ids as they come
         fmt = engine.loaded.chat_format
         self.detok = _Detokenizer(engine.loaded.tokenizer, list(fmt.stop_strings) + list(self.params.stop))
         timeout = self.params.timeout or engine.default_timeout
@@ -376,7 +378,7 @@ class Engine:
         self.max_batch = max(1, int(max_batch))
         self.default_timeout = default_timeout
         self.check_batching = check_batching
-        self.batching_note = ""
+        self.batching_note = ""  # how requests are served, set when the worker starts (what the self-check found)
         self.kv_budget_tokens = kv_budget_tokens
         # what the model's forward takes (BlueLM has no position_ids), and the ids its tokenizer can decode
         self._forward_args = forward_arguments(loaded.model)
@@ -573,23 +575,31 @@ class Engine:
         """Size the KV budget and check that batching gives the same results as one at a time."""
         if self.kv_budget_tokens is None:
             self.kv_budget_tokens = _default_kv_budget(self.loaded)
-        if self.max_batch > 1 and self.check_batching:
-            problem = _check_batching(self)
-            if problem:
-                # Qwen v1 rotates by the cache length, not position_ids: try turning the keys of
-                # rows that move (kvcache.Rotary) and check again
-                from .kvcache import Rotary
+        if self.max_batch == 1:
+            self.batching_note = "one request at a time (max_batch=1)"
+            return
+        if not self.check_batching:
+            self.batching_note = f"batching on: up to {self.max_batch} requests together (not self-checked)"
+            return
+        problem = _check_batching(self)
+        if not problem:
+            self.batching_note = (f"batching on: up to {self.max_batch} requests together (self-check: batched "
+                                  "logits equal single-request logits)")
+            return
+        # Qwen v1 and BlueLM rotate by the cache length, not position_ids: try turning the keys of
+        # rows that move (kvcache.Rotary) and check again
+        from .kvcache import Rotary
 
-                self._rotary = Rotary.from_model(self.loaded.model)
-                if self._rotary is not None and not _check_batching(self):
-                    self.batching_note = ("batching with re-rotated keys (the model takes positions from "
-                                          "the cache length, not position_ids)")
-                    print(f"[engine] {self.batching_note}", flush=True)
-                    return
-                self._rotary = None
-                self.batching_note = f"batching disabled: {problem}"
-                print(f"[engine] {self.batching_note}; serving one request at a time", flush=True)
-                self.max_batch = 1
+        self._rotary = Rotary.from_model(self.loaded.model)
+        if self._rotary is not None and not _check_batching(self):
+            self.batching_note = (f"batching on: up to {self.max_batch} requests together, with re-rotated keys "
+                                  "(the model takes positions from the cache length, not position_ids)")
+            print(f"[engine] {self.batching_note}", flush=True)
+            return
+        self._rotary = None
+        self.batching_note = f"batching disabled: {problem}; one request at a time"
+        print(f"[engine] {self.batching_note}", flush=True)
+        self.max_batch = 1
 
     def _admit(self) -> None:
         """Move waiting requests into the batch while there is room (blocks when idle)."""

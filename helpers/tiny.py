@@ -9,12 +9,17 @@ Tests and notebooks load a stand-in exactly like a real checkpoint folder::
     tok = AutoTokenizer.from_pretrained(path, trust_remote_code=True)
     model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)
 
-The models are transformers-native architectures (``Qwen2ForCausalLM`` for qwen,
-``LlamaForCausalLM`` for the others; hidden 64, 2 layers) with random weights: they produce
-gibberish, deterministically. What is faithful to each real checkpoint is everything *around*
-the weights: the kind of tokenizer, its special tokens and their single-token ids, BOS/EOS/pad
-handling, chat templates and ``generation_config.json``. The tokenizers are trained in-process
-on the small built-in :data:`CORPUS`, deterministically (single thread, fixed order).
+The models are remote code written by this project in the shape of each vendor's own
+(``helpers/standins/<family>``: ``QWenLMHeadModel``, ``InternLM2ForCausalLM``, ``XverseForCausalLM``,
+``BlueLMForCausalLM``, ``MiniCPMForCausalLM``; hidden 64, 2 heads of size 32, 2 layers), copied into
+the folder and loaded through ``auto_map`` with ``trust_remote_code=True``, as the real ones are.
+They reproduce what an engine touches (``forward`` arguments, position source, cache layout, the
+vocabulary gap between the output layer and the tokenizer: see helpers/standins/__init__.py) and
+have random weights: they produce gibberish, deterministically. Everything *around* the weights is
+faithful to each real checkpoint too: the kind of tokenizer, its special tokens and their
+single-token ids, BOS/EOS/pad handling, chat templates and ``generation_config.json``. The
+tokenizers are trained in-process on the small built-in :data:`CORPUS`, deterministically (single
+thread, fixed order).
 
 Per family:
 
@@ -49,6 +54,7 @@ it does for the real native-Llama checkpoints; pass ``use_fast=False`` for the s
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -62,15 +68,24 @@ __all__ = ["FAMILIES", "CORPUS", "BUILDER_VERSION", "MARKER_FILE", "build_tiny",
 
 FAMILIES = ("qwen", "internlm2", "xverse", "bluelm", "minicpm")
 
-BUILDER_VERSION = 2  # 2: the bench shape for bfloat16 (a stand-in built by an older version is rebuilt)
+# 2: the bench shape for bfloat16; 3: remote-code stand-ins (helpers/standins). A stand-in built by
+# an older version is rebuilt.
+BUILDER_VERSION = 3
 MARKER_FILE = "tiny_standin.json"
+STANDINS = pathlib.Path(__file__).resolve().parent / "standins"  # the stand-ins' remote code
 
-# Model size shared by all stand-ins; GQA (fewer KV heads) for qwen and internlm2.
+# Model size shared by all stand-ins: head size 32 (vLLM's CPU attention needs 32, 64, 80, ...),
+# everything else small. Only InternLM2 has fewer KV heads than query heads (7B: 8 of 32).
 _HIDDEN = 64
 _LAYERS = 2
-_HEADS = 4
-_KV_HEADS = {"qwen": 2, "internlm2": 2, "xverse": 4, "bluelm": 4, "minicpm": 4}
+_HEADS = 2
+_KV_HEADS = {"qwen": 2, "internlm2": 1, "xverse": 2, "bluelm": 2, "minicpm": 2}
 _INTERMEDIATE = 128
+# Families whose output layer has more ids than the tokenizer (Qwen-7B-Chat 151,936 vs 151,851;
+# BlueLM-7B-Chat 100,096 vs 100,004): the config's vocab_size is the tokenizer's rounded up to a
+# multiple of 128, as theirs is, so a stand-in can produce ids its tokenizer cannot decode.
+_VOCAB_GAP = ("qwen", "bluelm")
+_VOCAB_MULTIPLE = 128
 _MAX_POSITIONS = 4096
 _INIT_RANGE = 0.05
 
@@ -202,200 +217,6 @@ _QWEN_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 _BLUELM_ADDED = ("[|Human|]:", "[|AI|]:", "[SEH]", "[SEA]")
 _MINICPM_SYMBOLS = ("<用户>", "<AI>")
 
-# The vendor-style BlueLM tokenizer, shipped as remote code in the bluelm stand-in folder.
-BLUELM_TOKENIZER_SOURCE = '''\
-# coding=utf-8
-"""Tokenization class for BlueLM (a copy of the LLaMA SentencePiece tokenizer).
-
-Stand-in written for tests the way vivo's ``tokenization_bluelm.py`` is, including its defect:
-``self.sp_model`` is only created after ``super().__init__()``. Since transformers 4.34 the base
-``__init__`` already asks for the vocabulary (``get_vocab`` -> ``vocab_size`` -> ``sp_model``),
-so loading raises ``AttributeError: 'BlueLMTokenizer' object has no attribute 'sp_model'``
-(on transformers 4.48.3 the message reads ``BlueLMTokenizer has no attribute vocab_size``).
-Set ``sp_model`` on the instance before this ``__init__`` runs to load it.
-"""
-import os
-from shutil import copyfile
-from typing import Any, Dict, List, Optional, Tuple
-
-import sentencepiece as spm
-
-from transformers.tokenization_utils import AddedToken, PreTrainedTokenizer
-from transformers.utils import logging
-
-
-logger = logging.get_logger(__name__)
-
-VOCAB_FILES_NAMES = {"vocab_file": "tokenizer.model"}
-
-PRETRAINED_VOCAB_FILES_MAP = {"vocab_file": {}, "tokenizer_file": {}}
-PRETRAINED_POSITIONAL_EMBEDDINGS_SIZES = {}
-
-
-class BlueLMTokenizer(PreTrainedTokenizer):
-    """BlueLM tokenizer, based on byte-level-fallback SentencePiece (LLaMA style).
-
-    Args:
-        vocab_file (`str`): path to the SentencePiece model.
-    """
-
-    vocab_files_names = VOCAB_FILES_NAMES
-    pretrained_vocab_files_map = PRETRAINED_VOCAB_FILES_MAP
-    max_model_input_sizes = PRETRAINED_POSITIONAL_EMBEDDINGS_SIZES
-    model_input_names = ["input_ids", "attention_mask"]
-
-    def __init__(
-        self,
-        vocab_file,
-        unk_token="<unk>",
-        bos_token="<s>",
-        eos_token="</s>",
-        pad_token=None,
-        sp_model_kwargs: Optional[Dict[str, Any]] = None,
-        add_bos_token=True,
-        add_eos_token=False,
-        clean_up_tokenization_spaces=False,
-        **kwargs,
-    ):
-        self.sp_model_kwargs = {} if sp_model_kwargs is None else sp_model_kwargs
-        bos_token = AddedToken(bos_token, lstrip=False, rstrip=False) if isinstance(bos_token, str) else bos_token
-        eos_token = AddedToken(eos_token, lstrip=False, rstrip=False) if isinstance(eos_token, str) else eos_token
-        unk_token = AddedToken(unk_token, lstrip=False, rstrip=False) if isinstance(unk_token, str) else unk_token
-        pad_token = AddedToken(pad_token, lstrip=False, rstrip=False) if isinstance(pad_token, str) else pad_token
-        super().__init__(
-            bos_token=bos_token,
-            eos_token=eos_token,
-            unk_token=unk_token,
-            pad_token=pad_token,
-            add_bos_token=add_bos_token,
-            add_eos_token=add_eos_token,
-            sp_model_kwargs=self.sp_model_kwargs,
-            clean_up_tokenization_spaces=clean_up_tokenization_spaces,
-            **kwargs,
-        )
-        self.vocab_file = vocab_file
-        self.add_bos_token = add_bos_token
-        self.add_eos_token = add_eos_token
-        self.sp_model = spm.SentencePieceProcessor(**self.sp_model_kwargs)
-        self.sp_model.Load(vocab_file)
-
-    def __getstate__(self):
-        state = self.__dict__.copy()
-        state["sp_model"] = None
-        return state
-
-    def __setstate__(self, d):
-        self.__dict__ = d
-        self.sp_model = spm.SentencePieceProcessor(**self.sp_model_kwargs)
-        self.sp_model.Load(self.vocab_file)
-
-    @property
-    def vocab_size(self):
-        """Returns vocab size"""
-        return self.sp_model.get_piece_size()
-
-    def get_vocab(self):
-        """Returns vocab as a dict"""
-        vocab = {self.convert_ids_to_tokens(i): i for i in range(self.vocab_size)}
-        vocab.update(self.added_tokens_encoder)
-        return vocab
-
-    def _tokenize(self, text):
-        """Returns a tokenized string."""
-        return self.sp_model.encode(text, out_type=str)
-
-    def _convert_token_to_id(self, token):
-        """Converts a token (str) in an id using the vocab."""
-        return self.sp_model.piece_to_id(token)
-
-    def _convert_id_to_token(self, index):
-        """Converts an index (integer) in a token (str) using the vocab."""
-        token = self.sp_model.IdToPiece(index)
-        return token
-
-    def convert_tokens_to_string(self, tokens):
-        """Converts a sequence of tokens (string) in a single string."""
-        current_sub_tokens = []
-        out_string = ""
-        prev_is_special = False
-        for i, token in enumerate(tokens):
-            # make sure that special tokens are not decoded using sentencepiece model
-            if token in self.all_special_tokens:
-                if not prev_is_special and i != 0:
-                    out_string += " "
-                out_string += self.sp_model.decode(current_sub_tokens) + token
-                prev_is_special = True
-                current_sub_tokens = []
-            else:
-                current_sub_tokens.append(token)
-                prev_is_special = False
-        out_string += self.sp_model.decode(current_sub_tokens)
-        return out_string
-
-    def save_vocabulary(self, save_directory, filename_prefix: Optional[str] = None) -> Tuple[str]:
-        """Save the vocabulary and special tokens file to a directory."""
-        if not os.path.isdir(save_directory):
-            logger.error(f"Vocabulary path ({save_directory}) should be a directory")
-            return
-        out_vocab_file = os.path.join(
-            save_directory, (filename_prefix + "-" if filename_prefix else "") + VOCAB_FILES_NAMES["vocab_file"]
-        )
-
-        if os.path.abspath(self.vocab_file) != os.path.abspath(out_vocab_file) and os.path.isfile(self.vocab_file):
-            copyfile(self.vocab_file, out_vocab_file)
-        elif not os.path.isfile(self.vocab_file):
-            with open(out_vocab_file, "wb") as fi:
-                content_spiece_model = self.sp_model.serialized_model_proto()
-                fi.write(content_spiece_model)
-
-        return (out_vocab_file,)
-
-    def build_inputs_with_special_tokens(self, token_ids_0, token_ids_1=None):
-        bos_token_id = [self.bos_token_id] if self.add_bos_token else []
-        eos_token_id = [self.eos_token_id] if self.add_eos_token else []
-
-        output = bos_token_id + token_ids_0 + eos_token_id
-
-        if token_ids_1 is not None:
-            output = output + bos_token_id + token_ids_1 + eos_token_id
-
-        return output
-
-    def get_special_tokens_mask(
-        self, token_ids_0: List[int], token_ids_1: Optional[List[int]] = None, already_has_special_tokens: bool = False
-    ) -> List[int]:
-        if already_has_special_tokens:
-            return super().get_special_tokens_mask(
-                token_ids_0=token_ids_0, token_ids_1=token_ids_1, already_has_special_tokens=True
-            )
-
-        bos_token_id = [1] if self.add_bos_token else []
-        eos_token_id = [1] if self.add_eos_token else []
-
-        if token_ids_1 is None:
-            return bos_token_id + ([0] * len(token_ids_0)) + eos_token_id
-        return (
-            bos_token_id
-            + ([0] * len(token_ids_0))
-            + eos_token_id
-            + bos_token_id
-            + ([0] * len(token_ids_1))
-            + eos_token_id
-        )
-
-    def create_token_type_ids_from_sequences(
-        self, token_ids_0: List[int], token_ids_1: Optional[List[int]] = None
-    ) -> List[int]:
-        bos_token_id = [self.bos_token_id] if self.add_bos_token else []
-        eos_token_id = [self.eos_token_id] if self.add_eos_token else []
-
-        output = [0] * len(bos_token_id + token_ids_0 + eos_token_id)
-
-        if token_ids_1 is not None:
-            output += [1] * len(bos_token_id + token_ids_1 + eos_token_id)
-
-        return output
-'''
 
 
 # --------------------------------------------------------------------------------------------
@@ -565,7 +386,7 @@ def _bluelm_tokenizer(out: pathlib.Path, seed: int) -> dict[str, Any]:
     import sentencepiece as spm
 
     _train_sentencepiece(out / "tokenizer.model", vocab_size=1200, pad_id=3, seed=seed)
-    (out / "tokenization_bluelm.py").write_text(BLUELM_TOKENIZER_SOURCE, encoding="utf-8")
+    shutil.copyfile(STANDINS / "bluelm" / "tokenization_bluelm.py", out / "tokenization_bluelm.py")
     sp = spm.SentencePieceProcessor(model_file=str(out / "tokenizer.model"))
     n = sp.get_piece_size()
 
@@ -628,37 +449,71 @@ _DTYPE_LABEL = {"qwen": "bfloat16", "internlm2": "bfloat16", "xverse": "bfloat16
 # many key/value heads as query heads.
 SIZES = {
     "tiny": {"hidden": _HIDDEN, "layers": _LAYERS, "heads": _HEADS, "intermediate": _INTERMEDIATE},
+    # not a family stand-in: a transformers-native Qwen2 that every benchmark column (our server,
+    # transformers serve, vLLM) loads alike
     "bench": {"hidden": 1536, "layers": 2, "heads": 12, "intermediate": 4096, "kv_heads": 12},
 }
 
 
+@contextlib.contextmanager
+def _quiet_transformers():
+    from transformers.utils import logging
+
+    level = logging.get_verbosity()
+    logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(level)
+
+
+def _output_vocab(family: str, tokenizer_size: int) -> int:
+    if family not in _VOCAB_GAP:
+        return tokenizer_size
+    return (tokenizer_size // _VOCAB_MULTIPLE + 1) * _VOCAB_MULTIPLE  # always at least one id more
+
+
 def _build_model(family: str, out: pathlib.Path, tok: dict[str, Any], seed: int, size: str = "tiny") -> None:
+    import importlib
+
     import torch
-    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
 
     shape = SIZES[size]
     kv_heads = shape.get("kv_heads") or _KV_HEADS[family] * shape["heads"] // _HEADS
-    common = dict(
-        vocab_size=tok["vocab_size"], hidden_size=shape["hidden"], intermediate_size=shape["intermediate"],
-        num_hidden_layers=shape["layers"], num_attention_heads=shape["heads"], num_key_value_heads=kv_heads,
-        max_position_embeddings=_MAX_POSITIONS, initializer_range=_INIT_RANGE, rms_norm_eps=1e-6,
-        tie_word_embeddings=False, bos_token_id=tok["bos"], eos_token_id=tok["eos"], pad_token_id=tok["pad"],
-    )
     # Seeded per family, so that two families with the same shapes still get different weights.
     torch.manual_seed(seed * len(FAMILIES) + FAMILIES.index(family))
-    if family == "qwen":
-        config = Qwen2Config(**common, use_sliding_window=False)
+    if size == "bench":
+        config = Qwen2Config(
+            vocab_size=tok["vocab_size"], hidden_size=shape["hidden"], intermediate_size=shape["intermediate"],
+            num_hidden_layers=shape["layers"], num_attention_heads=shape["heads"], num_key_value_heads=kv_heads,
+            max_position_embeddings=_MAX_POSITIONS, initializer_range=_INIT_RANGE, rms_norm_eps=1e-6,
+            tie_word_embeddings=False, bos_token_id=tok["bos"], eos_token_id=tok["eos"], pad_token_id=tok["pad"],
+            use_sliding_window=False)
         model = Qwen2ForCausalLM(config)
+        files: tuple[str, ...] = ()
+        on_disk: dict[str, Any] = {}
     else:
-        config = LlamaConfig(**common)
-        model = LlamaForCausalLM(config)
+        standin = importlib.import_module(f"helpers.standins.{family}")
+        config = standin.make_config(
+            vocab_size=_output_vocab(family, tok["vocab_size"]), hidden_size=shape["hidden"],
+            intermediate_size=shape["intermediate"], num_layers=shape["layers"], num_heads=shape["heads"],
+            num_kv_heads=kv_heads, max_positions=_MAX_POSITIONS, bos_token_id=tok["bos"], eos_token_id=tok["eos"],
+            pad_token_id=tok["pad"], init_range=_INIT_RANGE, rms_norm_eps=1e-6)
+        with _quiet_transformers():  # "doesn't directly inherit from GenerationMixin": as the vendors' classes
+            model = standin.MODEL_CLASS(config)
+        files = standin.FILES
+        on_disk = getattr(standin, "CONFIG_ON_DISK", {})
     model = model.to(torch.float32).eval()
     model.save_pretrained(str(out), safe_serialization=True)
+    for name in files:  # the remote code, next to the weights as in the vendor's folder
+        shutil.copyfile(STANDINS / family / name, out / name)
 
     # The label the real config.json carries; the tiny weights themselves are stored in float32.
     cfg_path = out / "config.json"
     cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
     cfg["torch_dtype"] = _DTYPE_LABEL[family]
+    cfg.update(on_disk)
     cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
     gen = dict(_GENERATION[family])

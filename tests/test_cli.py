@@ -135,10 +135,10 @@ def test_loading_gate_answers_503_until_ready():
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=failed), base_url="http://x") as c:
             return await c.get("/health"), await c.post("/v1/chat/completions", json={})
 
-    health, v1 = asyncio.run(probe())
-    assert health.status_code == 503 and "Retry-After" not in health.headers
-    assert health.json()["status"] == "failed"
-    assert health.json()["reason"] == "the model failed to load: OSError: no weights in /root/autodl-tmp/qwen"
+    answer, v1 = asyncio.run(probe())
+    assert answer.status_code == 503 and "Retry-After" not in answer.headers
+    assert answer.json()["status"] == "failed"
+    assert answer.json()["reason"] == "the model failed to load: OSError: no weights in /root/autodl-tmp/qwen"
     assert v1.status_code == 503 and "no weights" in v1.json()["error"]["message"]
 
 

@@ -57,11 +57,13 @@ def test_seed_response_shape_and_history(server):
 
 def test_seed_temperature_zero_is_greedy_and_max_length_counts_new_tokens(server, tiny_loaded):
     body = {"prompt": "Tell me a joke.", "history": [], "max_length": 10, "temperature": 0}
+    before = server.engine.stats["completion_tokens"]
     first = requests.post(server.url, json=body).json()["response"]
+    generated = server.engine.stats["completion_tokens"] - before
     second = requests.post(server.url, json=body).json()["response"]
     assert first == second  # 0 means greedy, not "use the default 0.95"
-    tokenizer = tiny_loaded("qwen").tokenizer
-    assert len(tokenizer.encode(first, add_special_tokens=False)) <= 10
+    # counted by the engine: re-encoding random-weight gibberish (U+FFFD and all) gives other tokens
+    assert 0 < generated <= 10
 
 
 @pytest.mark.skipif(shutil.which("curl") is None, reason="curl not installed")
