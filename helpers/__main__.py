@@ -2,6 +2,8 @@
 
     python -m helpers serve --model NAME_OR_PATH [--host 0.0.0.0] [--port 6006]
                             [--api-key-file keys.txt] [--max-tokens-limit 1024]
+                            [--engine vllm [--vllm-arg=--tensor-parallel-size=2 ...] | --upstream URL]
+    python -m helpers convert-qwen SRC DST   # Qwen v1 weights -> Qwen2 architecture (for vLLM)
     python -m helpers keys [N]          # N new API keys, one a line (for a workshop)
     python -m helpers tiny FAMILY DIR
     python -m helpers demo [--family qwen]
@@ -73,6 +75,7 @@ def cmd_serve(args) -> int:
     path = resolve_model(args.model, args.cache_dir)  # a download error is reported before serving
     gate = LoadingApp(args.model)
     engines = []
+    processes = []  # a vLLM server started here: stopped on the way out, whatever happened
     failed = []
     server = uvicorn_server(gate, args.host, args.port, log_level=args.log_level, access_log=True)
 
@@ -80,10 +83,15 @@ def cmd_serve(args) -> int:
         from .loading import load_model
 
         try:
-            loaded = load_model(path, device=args.device, dtype=args.dtype, family=args.family)
-            engine = Engine(loaded, max_queue=args.max_queue, max_batch=args.max_batch,
-                            kv_budget_tokens=args.kv_budget, stream_interval=args.stream_interval).start()
+            if args.engine == "vllm" or args.upstream:
+                engine = _vllm_generator(args, path, processes)
+            else:
+                loaded = load_model(path, device=args.device, dtype=args.dtype, family=args.family)
+                engine = Engine(loaded, max_queue=args.max_queue, max_batch=args.max_batch,
+                                kv_budget_tokens=args.kv_budget, stream_interval=args.stream_interval)
             engines.append(engine)
+            engine.start()
+            loaded = engine.loaded
             gate.ready(create_app(engine, api_keys=keys, max_tokens_limit=args.max_tokens_limit,
                                   max_prompt_tokens=args.max_prompt_tokens, max_body_bytes=args.max_body_bytes))
             print(f"Serving {loaded.name} on http://{args.host}:{args.port}  (Ctrl-C to stop)", flush=True)
@@ -106,8 +114,44 @@ def cmd_serve(args) -> int:
     finally:
         for engine in engines:
             engine.stop()
+        for process in processes:
+            process.stop()
     print("Server stopped.", flush=True)
     return 1 if failed else 0
+
+
+def _vllm_generator(args, path: str, processes: list):
+    """An UpstreamGenerator for ``--upstream URL`` (a vLLM server running elsewhere) or ``--engine
+    vllm`` (a vLLM server this command starts from its own venv, on a free local port)."""
+    from .loading import load_tokenizer_side
+    from .upstream import UpstreamGenerator
+    from .vllm import VLLMServer
+
+    loaded = load_tokenizer_side(path, family=args.family)
+    process = None
+    url = args.upstream
+    if url is None:
+        dtype = {"auto": "auto", "bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}.get(args.dtype, args.dtype)
+        process = VLLMServer(path, loaded.family, served_name=loaded.name, python=args.vllm_python,
+                             max_model_len=loaded.context_length, dtype=dtype, extra=args.vllm_arg)
+        print(f"Starting vLLM for {loaded.name}: {' '.join(process.command())}", flush=True)
+        processes.append(process)
+        process.start(timeout=args.vllm_timeout)
+        url = process.url
+    generator = UpstreamGenerator(loaded, url, max_queue=args.max_queue, process=process)
+    if process is None:
+        generator.start()
+        status, reason = generator.status()
+        if status != "ok":
+            raise RuntimeError(f"the vLLM server at {url} is not ready ({status}): {reason}")
+    return generator
+
+
+def cmd_convert_qwen(args) -> int:
+    from .convert import convert_qwen
+
+    print(convert_qwen(args.src, args.dst, overwrite=args.overwrite))
+    return 0
 
 
 def cmd_keys(args) -> int:
@@ -196,8 +240,25 @@ def main(argv=None) -> int:
                    help="longest prompt, after dropping the oldest turns (default: what the context leaves)")
     p.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES, metavar="N",
                    help=f"largest request body (default: {DEFAULT_MAX_BODY_BYTES})")
+    p.add_argument("--engine", choices=("builtin", "vllm"), default="builtin",
+                   help="who generates: the built-in engine (default), or a vLLM server started from its own "
+                        "venv (scripts/setup_vllm.sh; $VLLM_PYTHON)")
+    p.add_argument("--upstream", default=None, metavar="URL",
+                   help="generate with the vLLM OpenAI server already running at URL (another box, several GPUs)")
+    p.add_argument("--vllm-python", default=None, metavar="PATH", help="python of the vLLM venv")
+    p.add_argument("--vllm-arg", action="append", default=[], metavar="ARG",
+                   help="one more argument for vLLM (repeatable), e.g. --vllm-arg=--tensor-parallel-size=2")
+    p.add_argument("--vllm-timeout", type=float, default=900, metavar="SECONDS",
+                   help="how long vLLM may take to start (default 900)")
     model_options(p)
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("convert-qwen", help="convert Qwen v1 (QWenLMHeadModel) weights to the Qwen2 architecture "
+                                            "for vLLM")
+    p.add_argument("src")
+    p.add_argument("dst")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_convert_qwen)
 
     p = sub.add_parser("keys", help="print new random API keys, one a line")
     p.add_argument("n", type=int, nargs="?", default=1)

@@ -166,7 +166,7 @@ def start_server(model, host: str = "0.0.0.0", port: int = 6006, *, timeout: flo
     ``server.stop()`` shuts it down (and the engine too when it was made here);
     ``server.stop(unload=True)`` also frees the model's memory."""
     from .auth import APIKeys
-    from .engine import Engine
+    from .engine import Engine, Generator
     from .limits import DEFAULT_MAX_BODY_BYTES
     from .server import create_app
 
@@ -174,7 +174,7 @@ def start_server(model, host: str = "0.0.0.0", port: int = 6006, *, timeout: flo
     options = dict(api_keys=keys, max_tokens_limit=max_tokens_limit, max_prompt_tokens=max_prompt_tokens,
                    max_body_bytes=max_body_bytes or DEFAULT_MAX_BODY_BYTES)
     loaded = model if hasattr(model, "chat_format") else getattr(model, "loaded", None)
-    if loaded is not None and getattr(loaded, "model", True) is None:
+    if (hasattr(model, "chat_format") or isinstance(model, Engine)) and loaded.model is None:
         raise ServerError("this model was unloaded (loaded.unload() or server.stop(unload=True)): "
                           "load it again with load_model(...) first")
     owned = None
@@ -182,7 +182,7 @@ def start_server(model, host: str = "0.0.0.0", port: int = 6006, *, timeout: flo
     if hasattr(model, "chat_format"):  # a LoadedModel: the server gets its own engine
         owned = Engine(model, max_queue=max_queue, max_batch=max_batch, stream_interval=stream_interval).start()
         app = create_app(owned, **options)
-    elif isinstance(model, Engine):
+    elif isinstance(model, Generator):  # an Engine, or a vLLM server behind an UpstreamGenerator
         app = create_app(model.start(), **options)
     elif keys.enabled or max_tokens_limit or max_prompt_tokens or max_body_bytes:
         raise ValueError("api_keys and limits apply to a model or an Engine; for a ready app, pass them "

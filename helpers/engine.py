@@ -355,7 +355,69 @@ def _sample(logits, seqs: Sequence[_Sequence], seen, limit: int | None = None):
     return out.tolist()
 
 
-class Engine:
+class Generator:
+    """What the HTTP layer (``helpers.server``) talks to, whoever generates: :class:`Engine` (the
+    model in this process) or ``helpers.upstream.UpstreamGenerator`` (a vLLM server). Both take
+    chat messages, build the prompt ids with the family's ``ChatFormat`` (so the ids are the same
+    whichever generates), and hand back a :class:`RequestHandle`.
+
+    A generator has ``loaded`` (name, family, device, context length, tokenizer, chat format),
+    ``metrics``, ``stats`` and ``batching_note``, and implements ``start()``, ``stop()``,
+    ``restart()``, ``alive``, ``status()``, ``running``, ``waiting`` and ``submit()``."""
+
+    loaded: Any
+    batching_note: str = ""
+
+    def submit(self, messages: Sequence[Message], params: SamplingParams | None = None, *,
+               max_prompt_tokens: int | None = None) -> RequestHandle:
+        raise NotImplementedError
+
+    def status(self) -> tuple[str, str | None]:
+        raise NotImplementedError
+
+    def _encode(self, messages: Sequence[Message], params: SamplingParams,
+                max_prompt_tokens: int | None) -> RequestHandle:
+        """A new handle with the prompt ids: the family's format, the oldest turns dropped to leave
+        room for ``max_new_tokens`` in the context (and at most ``max_prompt_tokens``)."""
+        fmt = self.loaded.chat_format
+        messages = fmt.check(messages)
+        handle = RequestHandle(messages, params)
+        budget = self.loaded.context_length - params.max_new_tokens
+        if budget <= 0:
+            raise ChatFormatError(
+                f"max_tokens {params.max_new_tokens} leaves no room for the prompt in the "
+                f"{self.loaded.context_length}-token context: lower it")
+        if max_prompt_tokens is not None:
+            budget = min(budget, max_prompt_tokens)
+        with self._tokenizer_lock:
+            handle._prompt_ids = fmt.encode_within(self.loaded.tokenizer, messages, budget)
+        handle.prompt_tokens = len(handle._prompt_ids)
+        return handle
+
+    def generate(self, messages: Sequence[Message], params: SamplingParams | None = None) -> Result:
+        """Blocking convenience: submit and wait for the whole answer."""
+        handle = self.submit(messages, params)
+        return handle.result()
+
+    def params(self, **overrides) -> SamplingParams:
+        """Sampling settings: the model's vendor defaults, with ``overrides`` that are not None
+        (``max_new_tokens``, ``temperature``, ``top_p``, ``top_k``, ``repetition_penalty``, ``stop``,
+        ``seed``, ``timeout``)."""
+        d = self.loaded.generation_defaults
+        values = {key: d[key] for key in ("max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty")
+                  if key in d}
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return SamplingParams(**values)
+
+    def chat(self, messages: str | Sequence[Message], **overrides) -> str:
+        """Ask in a notebook: a prompt string or messages in, the answer text out."""
+        if isinstance(messages, str):
+            messages = [{"role": "user", "content": messages}]
+        result = self.generate(messages, self.params(**overrides))
+        return self.loaded.chat_format.postprocess(result.text)
+
+
+class Engine(Generator):
     """Serve generation requests for one loaded model from a single worker thread.
 
     ``max_queue``: requests that may wait before ``submit`` raises ``QueueFull``.
@@ -476,20 +538,8 @@ class Engine:
         ``max_prompt_tokens`` when given (a server's limit)."""
         if not self.alive:
             raise EngineStopped(self.status()[1] or "the engine is not running")
-        params = params or SamplingParams()
-        fmt = self.loaded.chat_format
-        messages = fmt.check(messages)
-        handle = RequestHandle(messages, params)
-        budget = self.loaded.context_length - params.max_new_tokens
-        if budget <= 0:
-            raise ChatFormatError(
-                f"max_tokens {params.max_new_tokens} leaves no room for the prompt in the "
-                f"{self.loaded.context_length}-token context: lower it")
-        if max_prompt_tokens is not None:
-            budget = min(budget, max_prompt_tokens)
-        with self._tokenizer_lock:
-            handle._prompt_ids = fmt.encode_within(self.loaded.tokenizer, messages, budget)
-        handle.prompt_tokens = len(handle._prompt_ids)
+        handle = self._encode(messages, params or SamplingParams(), max_prompt_tokens)
+        params = handle.params
         needed = handle.prompt_tokens + params.max_new_tokens
         if self.kv_budget_tokens is not None and needed > self.kv_budget_tokens:
             raise ChatFormatError(
@@ -505,28 +555,6 @@ class Engine:
             self.stats["requests"] += 1
             self._cond.notify()
         return handle
-
-    def generate(self, messages: Sequence[Message], params: SamplingParams | None = None) -> Result:
-        """Blocking convenience: submit and wait for the whole answer."""
-        handle = self.submit(messages, params)
-        return handle.result()
-
-    def params(self, **overrides) -> SamplingParams:
-        """Sampling settings: the model's vendor defaults, with ``overrides`` that are not None
-        (``max_new_tokens``, ``temperature``, ``top_p``, ``top_k``, ``repetition_penalty``, ``stop``,
-        ``seed``, ``timeout``)."""
-        d = self.loaded.generation_defaults
-        values = {key: d[key] for key in ("max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty")
-                  if key in d}
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        return SamplingParams(**values)
-
-    def chat(self, messages: str | Sequence[Message], **overrides) -> str:
-        """Ask in a notebook: a prompt string or messages in, the answer text out."""
-        if isinstance(messages, str):
-            messages = [{"role": "user", "content": messages}]
-        result = self.generate(messages, self.params(**overrides))
-        return self.loaded.chat_format.postprocess(result.text)
 
     # -- the worker
     def _work(self) -> None:

@@ -258,6 +258,32 @@ def load_model(model: str | os.PathLike, *, family: str | None = None, device: s
     return loaded
 
 
+def load_tokenizer_side(model: str | os.PathLike, *, family: str | None = None,
+                        name: str | None = None) -> LoadedModel:
+    """The tokenizer and chat format of a model folder, without its weights: for a generator that
+    runs elsewhere (``helpers.upstream.UpstreamGenerator``, a vLLM server), so that prompts are built
+    and encoded here exactly as for the built-in engine. ``loaded.model`` is None."""
+    path = os.path.abspath(os.path.expanduser(str(model)))
+    if not os.path.isdir(path):
+        raise LoadError(f"{path} is not a folder: download the model first (helpers.download)")
+    family = family or detect_family(path)
+    spec = spec_for_family(family)
+    if _has_remote_code(path):
+        _require_modules(spec)
+    tokenizer = _load_tokenizer(path, family)
+    fmt = get_chat_format(family)
+    stop_ids = fmt.stop_ids(tokenizer)
+    config = json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))
+    context = int(config.get("max_position_embeddings") or config.get("seq_length") or spec.context_length)
+    return LoadedModel(
+        name=name or spec.name, path=path, family=family, tokenizer=tokenizer, model=None, chat_format=fmt,
+        device="vllm", dtype=None, context_length=min(context, spec.context_length),
+        generation_defaults=dict(spec.generation), stop_ids=stop_ids,
+        pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (stop_ids[0] if stop_ids else 0),
+        standin=(Path(path) / "tiny_standin.json").exists(),
+    )
+
+
 def _has_remote_code(path: str) -> bool:
     for name in ("config.json", "tokenizer_config.json"):
         f = Path(path) / name

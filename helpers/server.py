@@ -34,7 +34,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .auth import APIKeys
-from .engine import Engine, EngineError, EngineStopped, GenerationFailed, QueueFull, SamplingParams
+from .engine import EngineError, EngineStopped, GenerationFailed, Generator, QueueFull, SamplingParams
 from .formats import ChatFormatError, PromptTooLong, history_to_messages, messages_to_history
 from .limits import DEFAULT_MAX_BODY_BYTES, Limits, RequestGuard
 
@@ -330,6 +330,10 @@ def _failure(message: str) -> APIError:
         return _shutting_down()
     if "worker stopped" in lowered:
         return APIError(503, f"{message}: this request was not finished", "server_error", code="engine_stopped")
+    if "vllm server" in lowered and "stopped answering" in lowered:
+        return APIError(503, message, "server_error", code="upstream_unavailable", headers={"Retry-After": "5"})
+    if "vllm server" in lowered:
+        return APIError(502, message, "server_error", code="upstream_error")
     return APIError(500, f"{message} (the server is still running: try again, and tell its owner if this "
                          "repeats)", "server_error", code="generation_failed")
 
@@ -428,9 +432,10 @@ _MESSAGE_PARAM = re.compile(r"(messages\[\d+\](?:\.\w+)?)")
 # --------------------------------------------------------------------------- the app
 
 
-def create_app(engine: Engine, *, title: str | None = None, api_keys=None, max_tokens_limit: int | None = None,
+def create_app(engine: Generator, *, title: str | None = None, api_keys=None, max_tokens_limit: int | None = None,
                max_prompt_tokens: int | None = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
-    """A FastAPI app serving ``engine``'s model: ``POST /`` (seed API), ``GET /health``,
+    """A FastAPI app serving ``engine``'s model (a ``Generator``: the built-in ``Engine``, or an
+    ``UpstreamGenerator`` in front of a vLLM server): ``POST /`` (seed API), ``GET /health``,
     ``GET /v1/models`` and ``POST /v1/chat/completions``, and a chat page for the browser at ``GET /``
     (files in helpers/static, served under ``/static/``; open without a key: the page asks for it).
 
@@ -603,7 +608,7 @@ def create_app(engine: Engine, *, title: str | None = None, api_keys=None, max_t
             status, reason = engine.status()
         return health_response(Health(status=status, model=model_name, family=loaded.family,
                                       device=str(loaded.device), running=engine.running, waiting=engine.waiting,
-                                      reason=reason))
+                                      reason=reason), 5 if status == "loading" else None)
 
     @app.get("/metrics", include_in_schema=False)
     async def metrics():
