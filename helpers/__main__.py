@@ -131,7 +131,11 @@ def _vllm_generator(args, path: str, processes: list):
     process = None
     url = args.upstream
     if url is None:
+        import torch
+
         dtype = {"auto": "auto", "bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}.get(args.dtype, args.dtype)
+        if dtype == "auto" and not torch.cuda.is_available():
+            dtype = "float32"  # vLLM's CPU attention in bf16 crashed on short first prompts here (AMX CPUs)
         process = VLLMServer(path, loaded.family, served_name=loaded.name, python=args.vllm_python,
                              max_model_len=loaded.context_length, dtype=dtype, extra=args.vllm_arg)
         print(f"Starting vLLM for {loaded.name}: {' '.join(process.command())}", flush=True)

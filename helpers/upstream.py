@@ -273,6 +273,9 @@ class UpstreamGenerator(Generator):
                         handle.first_token = time.time()
                     if text:
                         _deliver([(handle, Event(text=text))])
+                    if choice.get("finish_reason") == "abort":  # vLLM is shutting down
+                        raise _UpstreamError(f"the vLLM server at {self.url} stopped answering (it aborted "
+                                             "the request): this request was not finished")
                     if choice.get("finish_reason"):
                         reason = "length" if choice["finish_reason"] == "length" else "stop"
         return reason

@@ -72,8 +72,9 @@ class VLLMServer:
 
     ``start()`` launches it and waits until its ``/health`` answers (or it exits: then
     ``VLLMError`` with the end of its log); its output is forwarded line by line with a ``[vllm]``
-    prefix; ``stop()`` ends it (SIGINT, then SIGKILL after ``timeout``). ``extra`` are more
-    arguments for vLLM (e.g. ``["--tensor-parallel-size", "2"]`` on a box with two GPUs).
+    prefix; ``stop()`` ends it and its engine processes (SIGTERM to the group, then SIGKILL after
+    ``timeout``). ``extra`` are more arguments for vLLM (e.g. ``["--tensor-parallel-size", "2"]``
+    on a box with two GPUs).
     """
 
     def __init__(self, path: str | os.PathLike, family: str, *, served_name: str, python: str | None = None,
@@ -99,9 +100,12 @@ class VLLMServer:
         return None if self.proc is None else self.proc.poll()
 
     def command(self) -> list[str]:
+        # --generation-config vllm: the model's generation_config.json would otherwise fill in what a
+        # request leaves out (XVERSE: repetition_penalty 1.1, top_k 30 ...); our front sends every
+        # sampling setting and the family's stop ids itself
         cmd = [self.python, "-m", "vllm.entrypoints.openai.api_server", "--model", self.path,
                "--served-model-name", self.served_name, "--host", self.host, "--port", str(self.port),
-               "--trust-remote-code", "--dtype", self.dtype, *self.args]
+               "--trust-remote-code", "--dtype", self.dtype, "--generation-config", "vllm", *self.args]
         if self.max_model_len:
             cmd += ["--max-model-len", str(self.max_model_len)]
         return cmd + self.extra
@@ -135,15 +139,29 @@ class VLLMServer:
             self.log(line)
 
     def stop(self, timeout: float = 30.0) -> None:
-        if self.proc is None or self.proc.poll() is not None:
+        """SIGTERM to the whole process group (vLLM's engine runs in child processes that outlive a
+        killed main process), then SIGKILL after ``timeout``."""
+        if self.proc is None:
             return
-        for sig in (signal.SIGINT, signal.SIGKILL):
+        for sig in (signal.SIGTERM, signal.SIGKILL):
             try:
                 os.killpg(self.proc.pid, sig)
             except ProcessLookupError:
                 return
-            try:
-                self.proc.wait(timeout)
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline and _group_alive(self.proc.pid):
+                self.proc.poll()
+                time.sleep(0.2)
+            if not _group_alive(self.proc.pid):
+                self.proc.poll()
                 return
-            except subprocess.TimeoutExpired:
-                continue
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # pragma: no cover
+        return True

