@@ -7,7 +7,9 @@
   exit cleanly.
 * Agreement: the ModelScope id, revision, port and model name a lesson's markdown mentions are the ones
   its code uses and the registry holds; images and lesson links in the markdown resolve, images have
-  alt text; the README's lesson index matches the registry.
+  alt text; the README's lesson index matches the registry. The classroom lesson's terminal commands
+  serve the model, keys and limits of its config cell; the students' notebook needs nothing but
+  ``requests`` and ``openai`` (no ``helpers``: students do not install this repository).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -24,7 +27,8 @@ from xml.etree import ElementTree
 import pytest
 
 from .conftest import free_port, wait_for_server
-from .test_notebooks import ENVIRONMENT_LESSON, NOTEBOOKS, ROOT, STANDINS, lesson_notebooks, model_of
+from .test_notebooks import (CLASSROOM_LESSON, ENVIRONMENT_LESSON, NOTEBOOKS, ROOT, STANDINS, STUDENT_NOTEBOOK,
+                             lesson_notebooks, model_of, served_model, terminal_commands)
 
 WRITEFILE = "%%writefile api.py"
 API_MAX_LINES = 35  # "short enough to read on one screen"
@@ -173,8 +177,8 @@ def test_markdown_and_code_agree(notebook: Path):
     ids = modelscope_ids_in(markdown)
     revisions = set(re.findall(r"\bv\d+\.\d+\.\d+\b", markdown))
 
-    if model is None:  # the environment lesson: whatever it names is in the registry
-        assert notebook.name == ENVIRONMENT_LESSON
+    if model is None:  # the environment and classroom lessons: whatever they name is in the registry
+        assert notebook.name in (ENVIRONMENT_LESSON, CLASSROOM_LESSON, STUDENT_NOTEBOOK), notebook.name
         assert ids <= set(_registry_ids()), f"ids not in the registry: {ids - set(_registry_ids())}"
         pinned = {spec.revision for spec in MODELS.values() if spec.revision}
         assert revisions <= pinned, f"revisions not in the registry: {revisions - pinned}"
@@ -195,11 +199,19 @@ def test_markdown_and_code_agree(notebook: Path):
         assert 'HOST = "0.0.0.0"' in api and 'os.environ.get("MODEL_CACHE_DIR", "/root/autodl-tmp")' in api
         assert "uvicorn.run(app, host=HOST, port=PORT" in api
 
+    if notebook.name == CLASSROOM_LESSON:
+        check_classroom_lesson(notebook, markdown, code)
+    if notebook.name == STUDENT_NOTEBOOK:
+        check_student_notebook(markdown, code)
+
     # the port: the code's default is the one the text names, and AutoDL's 6006
     defaults = {int(p) for p in re.findall(r'os\.environ\.get\("PORT", "(\d+)"\)', code)}
-    assert defaults == {DEFAULT_PORT}, defaults
-    assert ports_in(markdown) == {DEFAULT_PORT}, f"ports in the text: {ports_in(markdown)}"
-    if model is not None:
+    if notebook.name == STUDENT_NOTEBOOK:  # it calls the address the teacher hands out
+        assert not defaults and ports_in(markdown) <= {DEFAULT_PORT}, (defaults, ports_in(markdown))
+    else:
+        assert defaults == {DEFAULT_PORT}, defaults
+        assert ports_in(markdown) == {DEFAULT_PORT}, f"ports in the text: {ports_in(markdown)}"
+    if model is not None or notebook.name == CLASSROOM_LESSON:
         assert 'HOST = "0.0.0.0"' in code
 
     # images: existing files under images/, with alt text; links to lessons: existing notebooks
@@ -214,9 +226,46 @@ def test_markdown_and_code_agree(notebook: Path):
         assert (NOTEBOOKS / target).is_file(), f"{notebook.name}: link to missing lesson {target}"
 
 
+def check_classroom_lesson(notebook: Path, markdown: str, code: str) -> None:
+    """The teacher's lesson: it serves one registry model, named once in its config cell; its
+    terminal commands make as many keys as there are groups and serve that model with the limits of
+    the config cell; it links to the environment lesson and to the students' notebook."""
+    from helpers.registry import MODELS
+
+    served = served_model(notebook)
+    assert served in MODELS and re.findall(r'^MODEL_NAME = "([^"]+)"', code, flags=re.M) == [served]
+    config = {name: value for name, value in re.findall(r"^([A-Z_]+) = (\d+)\b", code, flags=re.M)}
+    commands = terminal_commands(notebook)
+    serve = [shlex.split(c) for c in commands if c.split()[3:4] == ["serve"]]
+    keys = [c for c in commands if c.split()[3:4] == ["keys"]]
+    assert len(serve) == 1 and keys == [f"python -m helpers keys {config['GROUPS']} > keys.txt"], commands
+    args = serve[0]
+    flag = {name: args[args.index(name) + 1] for name in args if name.startswith("--")}
+    assert flag["--model"] == served and flag["--host"] == "0.0.0.0" and flag["--port"] == str(DEFAULT_PORT), flag
+    assert flag["--api-key-file"] == "keys.txt"
+    for option, constant in [("--max-tokens-limit", "MAX_TOKENS_LIMIT"), ("--max-prompt-tokens", "MAX_PROMPT_TOKENS"),
+                             ("--max-batch", "MAX_BATCH"), ("--max-queue", "MAX_QUEUE")]:
+        assert flag[option] == config[constant], (option, flag[option], constant, config[constant])
+    assert set(re.findall(r"--model ([\w.:/-]+)", markdown)) == {served}
+    assert f"]({ENVIRONMENT_LESSON})" in markdown and f"]({STUDENT_NOTEBOOK})" in markdown
+    assert 'os.environ.get("MODEL_CACHE_DIR", "/root/autodl-tmp")' in code
+
+
+def check_student_notebook(markdown: str, code: str) -> None:
+    """The students' notebook: the address and key come from the config cell (the test hands them in
+    through CLASS_URL / CLASS_KEY); it calls the server with requests and openai only."""
+    assert 'os.environ.get("CLASS_URL", ' in code and 'os.environ.get("CLASS_KEY", ' in code
+    assert not re.search(r"^\s*(from|import) helpers\b", code, flags=re.M), "students do not install helpers"
+    assert "import requests" in code and "from openai import OpenAI" in code
+    assert f"]({CLASSROOM_LESSON})" in markdown
+
+
 def test_api_cells_exist_only_in_model_lessons():
-    assert not [s for s in code_cells(NOTEBOOKS / ENVIRONMENT_LESSON) if s.lstrip().startswith(WRITEFILE)]
-    assert len(MODEL_LESSONS) == len(lesson_notebooks()) - 1
+    others = [p for p in lesson_notebooks() if model_of(p) is None]
+    assert [p.name for p in others] == [ENVIRONMENT_LESSON, CLASSROOM_LESSON, STUDENT_NOTEBOOK]
+    for notebook in others:
+        assert not [s for s in code_cells(notebook) if s.lstrip().startswith(WRITEFILE)], notebook.name
+    assert len(MODEL_LESSONS) == len(lesson_notebooks()) - len(others)
 
 
 def test_readme_lesson_index_matches_the_registry():

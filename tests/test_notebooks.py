@@ -4,8 +4,17 @@ Each lesson ``notebooks/NN-<model name>-....ipynb`` is run unchanged, as the stu
 GPU box; only the environment differs: a temporary model cache seeded with the random-weight
 stand-in under the real ModelScope id (``MODEL_CACHE_DIR``), a free ``PORT``, progress bars off.
 The environment lesson (``00-...``, no model) runs with an empty cache. A lesson runs from a copy in a
-temporary folder, so that what it writes next to itself (``%%writefile api.py``) stays out of the
-checkout.
+temporary folder, so that what it writes next to itself (``%%writefile api.py``, ``keys.txt``) stays
+out of the checkout.
+
+Lesson 06 is for teachers and comes in two notebooks. The teacher's (``06-classroom-server``) names
+no model in its file name: it compares all five, then serves the one its config cell names
+(``MODEL_NAME = "..."``), which is the stand-in seeded for it; its simulated class is made small and
+short (``CLASS_SIZE``, ``CLASS_SECONDS``). The student's (``06-classroom-student``) needs only an
+address and a key: the test first runs the terminal commands the teacher's lesson gives
+(``python -m helpers keys N > keys.txt``, ``python -m helpers serve ...``) on that stand-in, then hands
+the notebook ``CLASS_URL`` and ``CLASS_KEY`` through the environment; the server must stop cleanly
+with Ctrl-C afterwards.
 
 ``pytest --nbval-lax`` runs every cell and compares the output of the cells whose first line is
 ``# NBVAL_CHECK_OUTPUT`` with the output stored in the notebook (cells marked ``# NBVAL_SKIP`` are
@@ -23,8 +32,11 @@ extra metadata (``test_notebook_saved_clean``). After editing a lesson in Jupyte
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
+import shlex
 import shutil
 import signal
 import socket
@@ -47,6 +59,9 @@ STANDINS = {
     "minicpm-2b-sft": "minicpm",
 }
 ENVIRONMENT_LESSON = "00-autodl-environment.ipynb"  # the one lesson without a model
+CLASSROOM_LESSON = "06-classroom-server.ipynb"      # the teacher's lesson: serves the model its config names
+STUDENT_NOTEBOOK = "06-classroom-student.ipynb"     # the students' notebook: calls the teacher's server
+CLASSROOM_ENV = {"CLASS_SIZE": "8", "CLASS_SECONDS": "12"}  # a smaller, shorter simulated class
 
 TIMEOUT = 600        # seconds for a whole notebook
 CELL_TIMEOUT = 300   # seconds for one cell
@@ -80,6 +95,68 @@ def model_of(notebook: Path) -> str | None:
     return max(names, key=len) if names else None
 
 
+def served_model(notebook: Path) -> str | None:
+    """The registry model a notebook serves: its lesson's model (``model_of``), else the one its
+    config cell names (``MODEL_NAME = "..."``, the classroom lesson), else (the student notebook) the
+    one the classroom lesson serves."""
+    model = model_of(notebook)
+    if model is not None:
+        return model
+    if notebook.name == STUDENT_NOTEBOOK:
+        return served_model(NOTEBOOKS / CLASSROOM_LESSON)
+    nb = json.loads(notebook.read_text(encoding="utf-8"))
+    code = "\n".join("".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code")
+    names = set(re.findall(r'^MODEL_NAME = "([^"]+)"', code, flags=re.M))
+    return names.pop() if len(names) == 1 else None
+
+
+def terminal_commands(notebook: Path, program: str = "python -m helpers") -> list[str]:
+    """The command lines of ``program`` in the notebook's markdown code blocks (continuation lines
+    joined), as a reader would paste them into a terminal."""
+    nb = json.loads(notebook.read_text(encoding="utf-8"))
+    markdown = "\n".join("".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "markdown")
+    lines = []
+    for language, block in re.findall(r"```(\w*)\n(.*?)```", markdown, flags=re.S):
+        if language in ("", "bash", "sh"):
+            lines += block.replace("\\\n", " ").splitlines()
+    return [line.split("  #", 1)[0].strip() for line in lines if line.strip().startswith(program)]
+
+
+@contextlib.contextmanager
+def classroom_server(env: dict, work: Path):
+    """Run the classroom lesson's terminal commands (``keys N > keys.txt``, then ``serve``) in
+    ``work`` on a free port; yield ``(url, first key)``; stop the server with Ctrl-C."""
+    from .conftest import wait_for_server
+
+    commands = terminal_commands(NOTEBOOKS / CLASSROOM_LESSON)
+    keys_cmd = [c for c in commands if c.split()[3:4] == ["keys"]]
+    serve_cmd = [c for c in commands if c.split()[3:4] == ["serve"]]
+    assert len(keys_cmd) == 1 and len(serve_cmd) == 1, f"{CLASSROOM_LESSON}: terminal commands {commands}"
+    keys_args, _, keys_file = keys_cmd[0].partition(">")
+    with open(work / keys_file.strip(), "w", encoding="utf-8") as out:
+        subprocess.run([sys.executable] + shlex.split(keys_args)[1:], cwd=work, env=env, stdout=out, check=True)
+    keys = [line.split("#")[0].strip() for line in (work / keys_file.strip()).read_text(encoding="utf-8").splitlines()]
+    port = _free_port()
+    args = shlex.split(serve_cmd[0])[1:]
+    args[args.index("--port") + 1] = str(port)
+    proc = subprocess.Popen([sys.executable] + args, cwd=work, env=dict(env, PYTHONUNBUFFERED="1"),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for_server(proc, url, 120, serve_cmd[0])
+        yield url, keys[0]
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)  # Ctrl-C
+        try:
+            output, _ = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            output, _ = proc.communicate()
+    assert proc.returncode == 0 and "Server stopped." in output, f"{serve_cmd[0]} did not stop cleanly:\n{output}"
+    assert not any(k in output for k in keys), "the server printed a key"
+
+
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("0.0.0.0", 0))
@@ -104,7 +181,7 @@ def test_notebook_runs(notebook: Path, tmp_path: Path):
     from helpers.registry import get_spec
     from helpers.tiny import build_tiny
 
-    model = model_of(notebook)
+    model = served_model(notebook)
     if model is None and notebook.name != ENVIRONMENT_LESSON:
         pytest.skip(f"{notebook.name} names no registry model")
     if model is not None and model not in STANDINS:
@@ -142,18 +219,26 @@ def test_notebook_runs(notebook: Path, tmp_path: Path):
         # the kernel imports this checkout's helpers, wherever the notebook copy runs
         PYTHONPATH=os.pathsep.join([str(ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]),
     )
+    if notebook.name == CLASSROOM_LESSON:
+        env.update(CLASSROOM_ENV)
     cmd = [sys.executable, "-m", "pytest", "--nbval-lax", "--nbval-current-env",
            f"--nbval-cell-timeout={CELL_TIMEOUT}", "-p", "no:cacheprovider", "-q", "-rs", notebook.name]
-    started = time.monotonic()
-    # own session, so that a timeout ends pytest and its kernel together
-    proc = subprocess.Popen(cmd, cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
-    try:
-        out, _ = proc.communicate(timeout=TIMEOUT)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        pytest.fail(f"{notebook.name} did not finish within {TIMEOUT} s:\n{out[-20000:]}")
+    with contextlib.ExitStack() as stack:
+        if notebook.name == STUDENT_NOTEBOOK:  # the teacher's server, started from the terminal commands
+            server_dir = tmp_path / "teacher"
+            server_dir.mkdir()
+            url, key = stack.enter_context(classroom_server(env, server_dir))
+            env.update(CLASS_URL=url, CLASS_KEY=key)
+        started = time.monotonic()
+        # own session, so that a timeout ends pytest and its kernel together
+        proc = subprocess.Popen(cmd, cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, start_new_session=True)
+        try:
+            out, _ = proc.communicate(timeout=TIMEOUT)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            out, _ = proc.communicate()
+            pytest.fail(f"{notebook.name} did not finish within {TIMEOUT} s:\n{out[-20000:]}")
     seconds = time.monotonic() - started
     assert proc.returncode == 0, f"nbval failed on {notebook.name} (exit {proc.returncode}):\n{out[-30000:]}"
     print(f"{notebook.name}: nbval passed in {seconds:.0f} s")
@@ -218,11 +303,18 @@ def test_lessons_are_found():
     assert "01-qwen-7b-chat-fastapi.ipynb" in names
     assert model_of(NOTEBOOKS / "01-qwen-7b-chat-fastapi.ipynb") == "qwen-7b-chat"
     # one lesson per registry model, each run on its family's stand-in
-    models = [model_of(p) for p in lesson_notebooks()[1:]]
+    models = [model_of(p) for p in lesson_notebooks() if model_of(p) is not None]
     assert sorted(models) == sorted(MODELS), names
     assert all(STANDINS[m] == MODELS[m].family for m in models)
-    # numbered 00, 01, 02, ... without gaps or duplicates
-    assert [n[:2] for n in names] == [f"{i:02d}" for i in range(len(names))], names
+    # the lessons about no single model: the environment and the classroom (teacher and students)
+    others = [n for n in names if model_of(NOTEBOOKS / n) is None]
+    assert others == [ENVIRONMENT_LESSON, CLASSROOM_LESSON, STUDENT_NOTEBOOK], others
+    assert served_model(NOTEBOOKS / CLASSROOM_LESSON) in STANDINS
+    assert served_model(NOTEBOOKS / STUDENT_NOTEBOOK) == served_model(NOTEBOOKS / CLASSROOM_LESSON)
+    # numbered 00, 01, 02, ... without gaps; only the classroom lesson's two notebooks share a number
+    numbers = [n[:2] for n in names if n != STUDENT_NOTEBOOK]
+    assert numbers == [f"{i:02d}" for i in range(len(numbers))], names
+    assert STUDENT_NOTEBOOK[:2] == CLASSROOM_LESSON[:2]
 
 
 # --------------------------------------------------------------------------- cleaning tool
