@@ -1,7 +1,7 @@
 """The real vLLM (CPU build, its own venv made by scripts/setup_vllm.sh) behind our front.
 
-Served stand-ins: InternLM2 (native in vLLM), Qwen v1 through the conversion to Qwen2, XVERSE as
-Llama. Through our server: the seed API and the openai client (plain and streamed) answer; vLLM gets
+Served stand-ins: InternLM2 and MiniCPM (native in vLLM), Qwen v1 through the conversion to Qwen2,
+XVERSE as Llama. Through our server: the seed API and the openai client (plain and streamed) answer; vLLM gets
 our prompt ids, id for id, and its greedy tokens equal our built-in engine's on the same stand-in
 (which equal the stand-in's own remote code: tests/test_batching.py); a stop id ends the answer;
 vLLM dying mid-request or not starting gives a clear 503 / error, never a hang.
@@ -143,9 +143,25 @@ def test_qwen_v1_served_by_vllm_through_the_conversion(python, tiny_model_dir, t
         generator.stop()
 
 
+def test_xverse_served_as_llama_gives_the_remote_codes_greedy_tokens(python, tiny_model_dir):
+    """vLLM dropped XverseForCausalLM; its layers are Llama's (--hf-overrides architectures)."""
+    loaded, process, generator, server = _serve(tiny_model_dir("xverse"), "xverse", python, "xverse-7b-chat")
+    try:
+        assert "LlamaForCausalLM" in " ".join(process.command())
+        _, choice = _greedy_vllm(process, loaded)
+        builtin = _greedy_builtin(tiny_model_dir("xverse"))
+        assert len(choice["token_ids"]) >= 4 and choice["token_ids"] == builtin[: len(choice["token_ids"])]
+    finally:
+        server.stop()
+        generator.stop()
+
+
 def test_vllm_dying_gives_a_clear_503_not_a_hang(python, tiny_model_dir):
     loaded, process, generator, server = _serve(tiny_model_dir("minicpm"), "minicpm", python, "minicpm-2b-sft")
     try:
+        _, choice = _greedy_vllm(process, loaded)  # native MiniCPM: the same greedy tokens first
+        builtin = _greedy_builtin(tiny_model_dir("minicpm"))
+        assert len(choice["token_ids"]) >= 4 and choice["token_ids"] == builtin[: len(choice["token_ids"])]
         client = OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0)
         stream = client.chat.completions.create(model=loaded.name, messages=QUESTION, max_tokens=800,
                                                 extra_body={"ignore_eos": True}, stream=True)
