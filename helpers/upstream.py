@@ -85,8 +85,8 @@ class UpstreamGenerator(Generator):
         deadline = time.monotonic() + timeout
         while self._healthy is None and time.monotonic() < deadline:
             time.sleep(0.05)
-        if self._healthy and self.upstream_model is None:
-            self.upstream_model = self._call(self._first_model(), 10)
+        if self._healthy:
+            self._call(self._learn_model(), 10)
         return self
 
     def stop(self, timeout: float = 10.0) -> None:
@@ -209,10 +209,18 @@ class UpstreamGenerator(Generator):
     def _call(self, coroutine, timeout: float):
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(timeout)
 
-    async def _first_model(self) -> str:
+    async def _learn_model(self) -> None:
+        """The served model's name (unless given) and its context: a vLLM started with a smaller
+        ``--max-model-len`` than the model's own context refuses longer requests (or cuts their
+        answers short), so prompts are fitted to the smaller one here."""
         r = await self._client.get(self.url + "/v1/models", timeout=10)
         r.raise_for_status()
-        return r.json()["data"][0]["id"]
+        cards = r.json()["data"]
+        card = next((c for c in cards if c.get("id") == self.upstream_model), cards[0])
+        self.upstream_model = card["id"]
+        limit = card.get("max_model_len")
+        if isinstance(limit, int) and 0 < limit < self.loaded.context_length:
+            self.loaded.context_length = limit
 
     async def _watch_health(self) -> None:
         while True:

@@ -17,6 +17,7 @@ Which families vLLM serves, and how (vLLM 0.32):
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import signal
@@ -113,11 +114,12 @@ class VLLMServer:
     def start(self, timeout: float = 600.0) -> "VLLMServer":
         import requests
 
-        env = dict(os.environ, **self.env)
+        env = dict(os.environ, VLLM_LOGGING_COLOR="0", **self.env)  # a notebook kernel sets FORCE_COLOR
         env.pop("PYTHONPATH", None)  # the lessons' packages must not leak into vLLM's environment
         self.proc = subprocess.Popen(self.command(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                      env=env, start_new_session=True)
         threading.Thread(target=self._forward, name="vllm-log", daemon=True).start()
+        atexit.register(self.stop)  # it runs in a session of its own: a kernel that exits must not leave it
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

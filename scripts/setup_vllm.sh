@@ -29,10 +29,20 @@ pip_quiet() {
   fi
   rm -f "$log"
 }
+if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
+  echo "vLLM $VLLM_VERSION needs Python >= 3.11; $PYTHON is $("$PYTHON" -V 2>&1). Point PYTHON at a newer one" \
+       "(on AutoDL e.g. a conda Python 3.11 on the data disk): PYTHON=/path/to/python3.11 bash $0" >&2
+  exit 1
+fi
 echo "==> creating the vLLM environment in $VENV (a few minutes)"
 "$PYTHON" -m venv "$VENV"
 pip_quiet install --upgrade pip
 if command -v nvidia-smi >/dev/null && nvidia-smi >/dev/null 2>&1; then
+  cuda=$(nvidia-smi | sed -n 's/.*CUDA Version: *\([0-9]*\)\..*/\1/p' | head -1)
+  if [ -n "$cuda" ] && [ "$cuda" -lt 13 ]; then
+    echo "warning: the driver supports CUDA $cuda; vllm==$VLLM_VERSION from PyPI is built for CUDA 13.0" \
+         "(see lesson 07 for the builds for older drivers)" >&2
+  fi
   echo "==> GPU found: installing vllm==$VLLM_VERSION (CUDA build)"
   pip_quiet install "vllm==$VLLM_VERSION"
 else
