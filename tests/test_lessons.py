@@ -9,7 +9,10 @@
   its code uses and the registry holds; images and lesson links in the markdown resolve, images have
   alt text; the README's lesson index matches the registry. The classroom lesson's terminal commands
   serve the model, keys and limits of its config cell; the students' notebook needs nothing but
-  ``requests`` and ``openai`` (no ``helpers``: students do not install this repository).
+  ``requests`` and ``openai`` (no ``helpers``: students do not install this repository). The vLLM
+  lesson serves the model of its config cell with ``--engine vllm``; its terminal command is run on the
+  stand-in with the real vLLM (CPU build): it serves the seed API and the openai client and stops
+  vLLM with Ctrl-C.
 """
 
 from __future__ import annotations
@@ -27,8 +30,9 @@ from xml.etree import ElementTree
 import pytest
 
 from .conftest import free_port, wait_for_server
-from .test_notebooks import (CLASSROOM_LESSON, ENVIRONMENT_LESSON, NOTEBOOKS, ROOT, STANDINS, STUDENT_NOTEBOOK,
-                             lesson_notebooks, model_of, served_model, terminal_commands)
+from .test_notebooks import (CLASSROOM_LESSON, ENVIRONMENT_LESSON, NOTEBOOKS, ROOT, RUN_MARK, STANDINS,
+                             STUDENT_NOTEBOOK, VLLM_LESSON, lesson_notebooks, model_of, served_model, stop_marked,
+                             terminal_commands, vllm_python_or_skip)
 
 WRITEFILE = "%%writefile api.py"
 API_MAX_LINES = 35  # "short enough to read on one screen"
@@ -177,8 +181,8 @@ def test_markdown_and_code_agree(notebook: Path):
     ids = modelscope_ids_in(markdown)
     revisions = set(re.findall(r"\bv\d+\.\d+\.\d+\b", markdown))
 
-    if model is None:  # the environment and classroom lessons: whatever they name is in the registry
-        assert notebook.name in (ENVIRONMENT_LESSON, CLASSROOM_LESSON, STUDENT_NOTEBOOK), notebook.name
+    if model is None:  # the environment, classroom and vLLM lessons: whatever they name is in the registry
+        assert notebook.name in (ENVIRONMENT_LESSON, CLASSROOM_LESSON, STUDENT_NOTEBOOK, VLLM_LESSON), notebook.name
         assert ids <= set(_registry_ids()), f"ids not in the registry: {ids - set(_registry_ids())}"
         pinned = {spec.revision for spec in MODELS.values() if spec.revision}
         assert revisions <= pinned, f"revisions not in the registry: {revisions - pinned}"
@@ -203,6 +207,8 @@ def test_markdown_and_code_agree(notebook: Path):
         check_classroom_lesson(notebook, markdown, code)
     if notebook.name == STUDENT_NOTEBOOK:
         check_student_notebook(markdown, code)
+    if notebook.name == VLLM_LESSON:
+        check_vllm_lesson(notebook, markdown, code)
 
     # the port: the code's default is the one the text names, and AutoDL's 6006
     defaults = {int(p) for p in re.findall(r'os\.environ\.get\("PORT", "(\d+)"\)', code)}
@@ -211,7 +217,7 @@ def test_markdown_and_code_agree(notebook: Path):
     else:
         assert defaults == {DEFAULT_PORT}, defaults
         assert ports_in(markdown) == {DEFAULT_PORT}, f"ports in the text: {ports_in(markdown)}"
-    if model is not None or notebook.name == CLASSROOM_LESSON:
+    if model is not None or notebook.name in (CLASSROOM_LESSON, VLLM_LESSON):
         assert 'HOST = "0.0.0.0"' in code
 
     # images: existing files under images/, with alt text; links to lessons: existing notebooks
@@ -251,6 +257,37 @@ def check_classroom_lesson(notebook: Path, markdown: str, code: str) -> None:
     assert 'os.environ.get("MODEL_CACHE_DIR", "/root/autodl-tmp")' in code
 
 
+def vllm_serve_command(notebook: Path) -> str:
+    """The lesson's terminal command that serves its own model with vLLM (no extra vLLM arguments)."""
+    served = served_model(notebook)
+    commands = [c for c in terminal_commands(notebook) if c.split()[3:4] == ["serve"]
+                and f"--model {served} " in c + " " and "--engine vllm" in c and "--vllm-arg" not in c]
+    assert len(commands) == 1, f"{notebook.name}: serve commands for {served}: {terminal_commands(notebook)}"
+    return commands[0]
+
+
+def check_vllm_lesson(notebook: Path, markdown: str, code: str) -> None:
+    """The vLLM lesson: one registry model in its config cell, native in vLLM; every serve command it
+    shows uses vLLM (--engine vllm or --upstream), the lesson's own on 0.0.0.0:6006; the code starts
+    VLLMServer + UpstreamGenerator + start_server; it links to the environment lesson and to its model's
+    lesson."""
+    from helpers.registry import MODELS
+
+    served = served_model(notebook)
+    assert served in MODELS and re.findall(r'^MODEL_NAME = "([^"]+)"', code, flags=re.M) == [served]
+    assert MODELS[served].family in ("internlm2", "minicpm"), "the lesson's model should be native in vLLM"
+    serve = [c for c in terminal_commands(notebook) if c.split()[3:4] == ["serve"]]
+    assert serve and all("--engine vllm" in c or "--upstream" in c for c in serve), serve
+    args = shlex.split(vllm_serve_command(notebook))
+    flag = {name: args[args.index(name) + 1] for name in ("--host", "--port")}
+    assert flag == {"--host": "0.0.0.0", "--port": str(DEFAULT_PORT)}, flag
+    for name in ("VLLMServer(", "UpstreamGenerator(", "start_server(generator",
+                 'os.environ.get("MODEL_CACHE_DIR", "/root/autodl-tmp")'):
+        assert name in code, f"{notebook.name} does not use {name}"
+    lesson = next(p.name for p in lesson_notebooks() if model_of(p) == served)
+    assert f"]({ENVIRONMENT_LESSON})" in markdown and f"]({lesson})" in markdown
+
+
 def check_student_notebook(markdown: str, code: str) -> None:
     """The students' notebook: the address and key come from the config cell (the test hands them in
     through CLASS_URL / CLASS_KEY); it calls the server with requests and openai only."""
@@ -262,7 +299,7 @@ def check_student_notebook(markdown: str, code: str) -> None:
 
 def test_api_cells_exist_only_in_model_lessons():
     others = [p for p in lesson_notebooks() if model_of(p) is None]
-    assert [p.name for p in others] == [ENVIRONMENT_LESSON, CLASSROOM_LESSON, STUDENT_NOTEBOOK]
+    assert [p.name for p in others] == [ENVIRONMENT_LESSON, CLASSROOM_LESSON, STUDENT_NOTEBOOK, VLLM_LESSON]
     for notebook in others:
         assert not [s for s in code_cells(notebook) if s.lstrip().startswith(WRITEFILE)], notebook.name
     assert len(MODEL_LESSONS) == len(lesson_notebooks()) - len(others)
@@ -285,6 +322,56 @@ def test_readme_lesson_index_matches_the_registry():
         sizes = [float(n) for n in re.findall(r"(\d+(?:\.\d+)?) GB", row)]
         assert sizes[:2] == [spec.gpu_memory_gb, spec.download_gb], (row, spec.gpu_memory_gb, spec.download_gb)
     assert "即将推出" not in readme
+
+
+@pytest.mark.parametrize("notebook", [NOTEBOOKS / VLLM_LESSON], ids=lambda p: p.name)
+def test_vllm_lesson_terminal_command_serves_and_stops(notebook: Path, tmp_path: Path):
+    """The vLLM lesson's `python -m helpers serve ... --engine vllm`, run as printed (on a free port, on
+    the stand-in seeded under the real id, vLLM's CPU build): the seed API and the openai client answer,
+    /health says vllm, and Ctrl-C stops the front and vLLM with it."""
+    import requests
+    from openai import OpenAI
+
+    from helpers.download import seed_cache
+    from helpers.tiny import build_tiny
+
+    model = served_model(notebook)
+    python = vllm_python_or_skip()
+    cache = tmp_path / "cache"
+    seed_cache(model, build_tiny(STANDINS[model], tmp_path / "standin"), cache)
+    port = free_port()
+    args = shlex.split(vllm_serve_command(notebook))[1:]
+    args[args.index("--port") + 1] = str(port)
+    # on the CPU, as the lesson's config cell does without a GPU: no CUDA graphs, 1 GiB of KV cache
+    args.append("--vllm-arg=--enforce-eager")
+    mark = str(tmp_path)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
+    env.update(MODEL_CACHE_DIR=str(cache), VLLM_PYTHON=python, VLLM_CPU_KVCACHE_SPACE="1", OMP_NUM_THREADS="1",
+               PYTHONUNBUFFERED="1", HF_HUB_DISABLE_PROGRESS_BARS="1", TOKENIZERS_PARALLELISM="false",
+               PYTHONPATH=os.pathsep.join([str(ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]),
+               **{RUN_MARK: mark})
+    proc = subprocess.Popen([sys.executable] + args, cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        health = wait_for_server(proc, url, 600, " ".join(args))
+        assert health["model"] == model and health["device"] == "vllm", health
+        r = requests.post(url, json={"prompt": "你好", "history": [], "max_length": 8}, timeout=120)
+        assert r.status_code == 200 and r.json()["history"] == [["你好", r.json()["response"]]], r.text
+        client = OpenAI(base_url=url + "/v1", api_key="EMPTY", max_retries=0)
+        assert [m.id for m in client.models.list().data] == [model]
+        chunks = list(client.chat.completions.create(model=model, messages=[{"role": "user", "content": "你好"}],
+                                                     max_tokens=8, temperature=0, stream=True))
+        finals = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+        assert finals and finals[-1] in ("stop", "length"), chunks[-3:]
+    finally:
+        code, output = _stop(proc)
+        left = stop_marked(mark)
+    assert code == 0 and "Server stopped." in output, f"did not stop cleanly (exit {code}):\n{output[-5000:]}"
+    # our own lines only: vLLM's shutdown sometimes logs its own EngineDeadError traceback
+    ours = "\n".join(line for line in output.splitlines() if not line.startswith("[vllm]"))
+    assert "Traceback" not in ours, ours[-5000:]
+    assert not [c for c in left if "vllm" in c.lower()], f"vLLM outlived the server (stopped now): {left}"
 
 
 @pytest.mark.parametrize("image", sorted((ROOT / "images").glob("*.svg")), ids=lambda p: p.name)

@@ -16,6 +16,12 @@ address and a key: the test first runs the terminal commands the teacher's lesso
 the notebook ``CLASS_URL`` and ``CLASS_KEY`` through the environment; the server must stop cleanly
 with Ctrl-C afterwards.
 
+Lesson 07 (``07-vllm-...``) serves the model its config cell names through a vLLM server (the CPU
+build, in the venv made by ``scripts/setup_vllm.sh``): the test hands it ``VLLM_PYTHON`` (or skips
+with what to run when there is no vLLM environment; in CI, where ``scripts/test.sh`` installs it, it
+fails) and a smaller side-by-side run (``BENCH_CLIENTS``, ``BENCH_TOKENS``). The notebook must stop
+every vLLM process it started: processes of the run still alive afterwards are stopped and reported.
+
 ``pytest --nbval-lax`` runs every cell and compares the output of the cells whose first line is
 ``# NBVAL_CHECK_OUTPUT`` with the output stored in the notebook (cells marked ``# NBVAL_SKIP`` are
 not run). nbval compares only against a stored cell that has an execution count: a checked cell
@@ -62,6 +68,9 @@ ENVIRONMENT_LESSON = "00-autodl-environment.ipynb"  # the one lesson without a m
 CLASSROOM_LESSON = "06-classroom-server.ipynb"      # the teacher's lesson: serves the model its config names
 STUDENT_NOTEBOOK = "06-classroom-student.ipynb"     # the students' notebook: calls the teacher's server
 CLASSROOM_ENV = {"CLASS_SIZE": "8", "CLASS_SECONDS": "12"}  # a smaller, shorter simulated class
+VLLM_LESSON = "07-vllm-one-api-two-engines.ipynb"  # the same API with a vLLM server generating
+VLLM_LESSON_ENV = {"BENCH_CLIENTS": "8", "BENCH_TOKENS": "128"}  # a smaller side-by-side run
+RUN_MARK = "HELPERS_NOTEBOOK_RUN"  # in the environment of every process a notebook run starts
 
 TIMEOUT = 600        # seconds for a whole notebook
 CELL_TIMEOUT = 300   # seconds for one cell
@@ -163,6 +172,54 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def vllm_python_or_skip() -> str:
+    """The python of the vLLM environment (``VLLM_PYTHON``, else the venv of ``scripts/setup_vllm.sh``);
+    skip without one, fail in CI (where scripts/test.sh installs it)."""
+    from helpers.vllm import VLLMError, vllm_python
+
+    try:
+        return vllm_python()
+    except VLLMError as exc:
+        if os.environ.get("CI"):
+            pytest.fail(f"{exc} (scripts/test.sh installs it in CI)")
+        pytest.skip(str(exc))
+
+
+def processes_marked(mark: str) -> list[int]:
+    """Pids of the processes whose environment holds ``RUN_MARK=mark`` (started by one test run)."""
+    needle = f"{RUN_MARK}={mark}".encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if needle in (entry / "environ").read_bytes().split(b"\0"):
+                found.append(int(entry.name))
+        except OSError:  # gone, or not ours to read
+            continue
+    return found
+
+
+def stop_marked(mark: str, timeout: float = 30.0) -> list[str]:
+    """Stop what a run left behind (SIGTERM, then SIGKILL); return their command lines. Only the run's
+    own processes carry the mark: nothing else on the machine is touched."""
+    left = processes_marked(mark)
+    commands = []
+    for pid in left:
+        try:
+            commands.append((Path("/proc") / str(pid) / "cmdline").read_bytes().replace(b"\0", b" ").decode()[:200])
+            os.kill(pid, signal.SIGTERM)
+        except (OSError, ProcessLookupError):
+            pass
+    deadline = time.monotonic() + timeout
+    while processes_marked(mark) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    for pid in processes_marked(mark):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    return commands
+
+
 def _first_line(cell) -> str:
     source = cell["source"] if isinstance(cell["source"], str) else "".join(cell["source"])
     return source.lstrip().split("\n", 1)[0].strip()
@@ -221,6 +278,10 @@ def test_notebook_runs(notebook: Path, tmp_path: Path):
     )
     if notebook.name == CLASSROOM_LESSON:
         env.update(CLASSROOM_ENV)
+    mark = None
+    if notebook.name == VLLM_LESSON:
+        mark = str(tmp_path)  # unique to this run
+        env.update(VLLM_LESSON_ENV, VLLM_PYTHON=vllm_python_or_skip(), **{RUN_MARK: mark})
     cmd = [sys.executable, "-m", "pytest", "--nbval-lax", "--nbval-current-env",
            f"--nbval-cell-timeout={CELL_TIMEOUT}", "-p", "no:cacheprovider", "-q", "-rs", notebook.name]
     with contextlib.ExitStack() as stack:
@@ -239,8 +300,13 @@ def test_notebook_runs(notebook: Path, tmp_path: Path):
             os.killpg(proc.pid, signal.SIGKILL)
             out, _ = proc.communicate()
             pytest.fail(f"{notebook.name} did not finish within {TIMEOUT} s:\n{out[-20000:]}")
+        finally:
+            # vLLM runs in a session of its own: a failed or killed run could leave it behind
+            left = stop_marked(mark) if mark else []
     seconds = time.monotonic() - started
     assert proc.returncode == 0, f"nbval failed on {notebook.name} (exit {proc.returncode}):\n{out[-30000:]}"
+    vllm_left = [c for c in left if "vllm" in c.lower()]
+    assert not vllm_left, f"{notebook.name} left vLLM running (stopped now): {vllm_left}"
     print(f"{notebook.name}: nbval passed in {seconds:.0f} s")
 
     # the kernel was this environment's Python, importing this checkout's helpers
@@ -306,10 +372,11 @@ def test_lessons_are_found():
     models = [model_of(p) for p in lesson_notebooks() if model_of(p) is not None]
     assert sorted(models) == sorted(MODELS), names
     assert all(STANDINS[m] == MODELS[m].family for m in models)
-    # the lessons about no single model: the environment and the classroom (teacher and students)
+    # the lessons about no single model: the environment, the classroom (teacher and students), vLLM
     others = [n for n in names if model_of(NOTEBOOKS / n) is None]
-    assert others == [ENVIRONMENT_LESSON, CLASSROOM_LESSON, STUDENT_NOTEBOOK], others
+    assert others == [ENVIRONMENT_LESSON, CLASSROOM_LESSON, STUDENT_NOTEBOOK, VLLM_LESSON], others
     assert served_model(NOTEBOOKS / CLASSROOM_LESSON) in STANDINS
+    assert served_model(NOTEBOOKS / VLLM_LESSON) in STANDINS
     assert served_model(NOTEBOOKS / STUDENT_NOTEBOOK) == served_model(NOTEBOOKS / CLASSROOM_LESSON)
     # numbered 00, 01, 02, ... without gaps; only the classroom lesson's two notebooks share a number
     numbers = [n[:2] for n in names if n != STUDENT_NOTEBOOK]
