@@ -173,7 +173,8 @@ class UpstreamGenerator(Generator):
             "top_p": p.top_p,
             "top_k": p.top_k if p.top_k and p.top_k > 0 else -1,
             "repetition_penalty": p.repetition_penalty,
-            "stop_token_ids": list(self.loaded.stop_ids),
+            # ignore_eos (benchmarks: always max_tokens tokens) skips the family's stop ids too, as in Engine
+            "stop_token_ids": [] if p.ignore_eos else list(self.loaded.stop_ids),
             "stop": list(fmt.stop_strings) + list(p.stop),
             "ignore_eos": p.ignore_eos,
             "skip_special_tokens": True,
@@ -267,7 +268,7 @@ class UpstreamGenerator(Generator):
                     continue
                 data = line[6:]
                 if data == "[DONE]":
-                    break
+                    continue  # read the body to its end: the connection goes back to the pool
                 chunk = json.loads(data)
                 if chunk.get("error"):
                     raise _UpstreamError(f"the vLLM server failed: {_message(json.dumps(chunk))}")

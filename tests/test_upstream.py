@@ -121,6 +121,9 @@ def test_seed_api_and_openai_client_through_the_upstream(front, fake):
     stream = client.chat.completions.create(model=loaded.name, messages=[{"role": "user", "content": "hi"}],
                                             stream=True, max_tokens=20)
     assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == "Hello 世界!"
+    client.chat.completions.create(model=loaded.name, messages=[{"role": "user", "content": "hi"}], max_tokens=3,
+                                   extra_body={"ignore_eos": True})
+    assert fake.bodies[-1]["ignore_eos"] is True and fake.bodies[-1]["stop_token_ids"] == []  # as the built-in engine
     health = requests.get(srv.url + "/health", timeout=10)
     assert health.status_code == 200 and health.json()["device"] == "vllm"
     assert "vLLM server" in generator.batching_note
