@@ -88,3 +88,16 @@ def wait_for_server(proc, url: str, seconds: float = 90, what: str = "the server
             if time.monotonic() > deadline:
                 proc.kill()
                 pytest.fail(f"{what} did not serve within {seconds:.0f} s:\n{proc.communicate()[0]}")
+
+
+def vllm_python_or_skip() -> str:
+    """The python of the vLLM environment (``VLLM_PYTHON``, else the venv of ``scripts/setup_vllm.sh``);
+    skip without one, fail in CI (where scripts/test.sh installs it)."""
+    from helpers.vllm import VLLMError, vllm_python
+
+    try:
+        return vllm_python()
+    except VLLMError as exc:
+        if os.environ.get("CI"):
+            pytest.fail(f"{exc} (scripts/test.sh installs it in CI)")
+        pytest.skip(str(exc))

@@ -29,10 +29,10 @@ from xml.etree import ElementTree
 
 import pytest
 
-from .conftest import free_port, wait_for_server
+from .conftest import free_port, vllm_python_or_skip, wait_for_server
 from .test_notebooks import (CLASSROOM_LESSON, ENVIRONMENT_LESSON, NOTEBOOKS, ROOT, RUN_MARK, STANDINS,
                              STUDENT_NOTEBOOK, VLLM_LESSON, lesson_notebooks, model_of, served_model, stop_marked,
-                             terminal_commands, vllm_python_or_skip)
+                             terminal_commands)
 
 WRITEFILE = "%%writefile api.py"
 API_MAX_LINES = 35  # "short enough to read on one screen"

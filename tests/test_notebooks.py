@@ -172,19 +172,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def vllm_python_or_skip() -> str:
-    """The python of the vLLM environment (``VLLM_PYTHON``, else the venv of ``scripts/setup_vllm.sh``);
-    skip without one, fail in CI (where scripts/test.sh installs it)."""
-    from helpers.vllm import VLLMError, vllm_python
-
-    try:
-        return vllm_python()
-    except VLLMError as exc:
-        if os.environ.get("CI"):
-            pytest.fail(f"{exc} (scripts/test.sh installs it in CI)")
-        pytest.skip(str(exc))
-
-
 def processes_marked(mark: str) -> list[int]:
     """Pids of the processes whose environment holds ``RUN_MARK=mark`` (started by one test run)."""
     needle = f"{RUN_MARK}={mark}".encode()
@@ -280,6 +267,8 @@ def test_notebook_runs(notebook: Path, tmp_path: Path):
         env.update(CLASSROOM_ENV)
     mark = None
     if notebook.name == VLLM_LESSON:
+        from .conftest import vllm_python_or_skip  # here: this file also runs as a script (strip)
+
         mark = str(tmp_path)  # unique to this run
         env.update(VLLM_LESSON_ENV, VLLM_PYTHON=vllm_python_or_skip(), **{RUN_MARK: mark})
     cmd = [sys.executable, "-m", "pytest", "--nbval-lax", "--nbval-current-env",

@@ -12,7 +12,6 @@ environment the tests skip with what to run (in CI, where scripts/test.sh instal
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import time
@@ -25,9 +24,9 @@ from helpers.background import start_server
 from helpers.engine import Engine, SamplingParams
 from helpers.loading import load_model, load_tokenizer_side
 from helpers.upstream import UpstreamGenerator
-from helpers.vllm import VLLMError, VLLMServer, vllm_python
+from helpers.vllm import VLLMError, VLLMServer
 
-from .conftest import free_port
+from .conftest import free_port, vllm_python_or_skip
 
 QUESTION = [{"role": "user", "content": "Tell me a joke, please."}]
 CPU_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1"}  # GiB of KV cache
@@ -35,12 +34,7 @@ CPU_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1"}  # GiB of KV cache
 
 @pytest.fixture(scope="module")
 def python():
-    try:
-        return vllm_python()
-    except VLLMError as exc:
-        if os.environ.get("CI"):
-            pytest.fail(f"{exc} (scripts/test.sh installs it in CI)")
-        pytest.skip(str(exc))
+    return vllm_python_or_skip()
 
 
 def _serve(path, family, python, name):
