@@ -239,23 +239,26 @@ def load_model(model: str | os.PathLike, *, family: str | None = None, device: s
     if not device.startswith("cuda"):
         hf_model.to(device)
     hf_model.eval()
-    fmt = get_chat_format(family)
-    stop_ids = fmt.stop_ids(tokenizer)
-    config = hf_model.config
-    context = int(getattr(config, "max_position_embeddings", 0) or getattr(config, "seq_length", 0)
-                  or spec.context_length)
-    context = min(context, spec.context_length) if context > 0 else spec.context_length
-    defaults = dict(spec.generation)
-    loaded = LoadedModel(
-        name=name or spec.name,
-        path=path, family=family, tokenizer=tokenizer, model=hf_model, chat_format=fmt, device=device,
-        dtype=torch_dtype, context_length=context, generation_defaults=defaults, stop_ids=stop_ids,
-        pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (stop_ids[0] if stop_ids else 0),
-        load_seconds=time.perf_counter() - started,
-        standin=(Path(path) / "tiny_standin.json").exists(),
-    )
+    loaded = _assemble(path, family, name, tokenizer, hf_model.config.to_dict(), model=hf_model, device=device,
+                       dtype=torch_dtype, load_seconds=time.perf_counter() - started)
     print(loaded.describe(), flush=True)
     return loaded
+
+
+def _assemble(path: str, family: str, name: str | None, tokenizer, config: dict, **rest) -> LoadedModel:
+    """A LoadedModel: the family's chat format and stop ids, the context (the config's, at most the
+    registry's), vendor defaults, pad id; ``rest`` is model, device, dtype (and load time)."""
+    spec = spec_for_family(family)
+    fmt = get_chat_format(family)
+    stop_ids = fmt.stop_ids(tokenizer)
+    context = int(config.get("max_position_embeddings") or config.get("seq_length") or 0)
+    context = min(context, spec.context_length) if context > 0 else spec.context_length
+    return LoadedModel(
+        name=name or spec.name, path=path, family=family, tokenizer=tokenizer, chat_format=fmt,
+        context_length=context, generation_defaults=dict(spec.generation), stop_ids=stop_ids,
+        pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (stop_ids[0] if stop_ids else 0),
+        standin=(Path(path) / "tiny_standin.json").exists(), **rest,
+    )
 
 
 def load_tokenizer_side(model: str | os.PathLike, *, family: str | None = None,
@@ -271,17 +274,8 @@ def load_tokenizer_side(model: str | os.PathLike, *, family: str | None = None,
     if _has_remote_code(path):
         _require_modules(spec)
     tokenizer = _load_tokenizer(path, family)
-    fmt = get_chat_format(family)
-    stop_ids = fmt.stop_ids(tokenizer)
     config = json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))
-    context = int(config.get("max_position_embeddings") or config.get("seq_length") or spec.context_length)
-    return LoadedModel(
-        name=name or spec.name, path=path, family=family, tokenizer=tokenizer, model=None, chat_format=fmt,
-        device="vllm", dtype=None, context_length=min(context, spec.context_length),
-        generation_defaults=dict(spec.generation), stop_ids=stop_ids,
-        pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (stop_ids[0] if stop_ids else 0),
-        standin=(Path(path) / "tiny_standin.json").exists(),
-    )
+    return _assemble(path, family, name, tokenizer, config, model=None, device="vllm", dtype=None)
 
 
 def _has_remote_code(path: str) -> bool:
